@@ -1,0 +1,263 @@
+"""The one `collage` command: thin subcommands over the library.
+
+    collage train   train an s-CNN or a collage-CNN (or every shipped model: --preset all)
+    collage eval    accuracy, FLOPs and latency of models; the shipped ones by default
+    collage export  export a checkpoint to ONNX with a parity check
+    collage info    what a checkpoint or ONNX file holds
+    collage worker  serve one model over the Open Inference Protocol (KServe V2)
+    collage demo    the main job on the embedded defaults
+
+Errors we raise on purpose print one line and exit 2; anything else is a bug and shows a trace.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from collage_inference import __version__
+from collage_inference.errors import CollageError, ConfigError
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_MODELS_DIR = Path(os.environ.get("COLLAGE_MODELS_DIR", REPO_ROOT / "models" / "fashion-mnist"))
+
+
+def shipped_checkpoints(models_dir: Path) -> list[Path]:
+    """The shipped checkpoints in table order: the s-CNN first, then collages by grid."""
+    found = sorted(models_dir.glob("*.pt"), key=lambda p: (not p.stem.startswith("scnn"), p.stem))
+    found = [p for p in found if not p.name.endswith(".resume.pt")]
+    if not found:
+        raise ConfigError(f"no checkpoints (*.pt) in {models_dir}; train them with `make models`")
+    return found
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    from collage_inference.data import DATASET_KINDS
+
+    p.add_argument("--dataset", default="fashion-mnist", choices=DATASET_KINDS, help="dataset kind")
+    p.add_argument("--data-dir", type=Path, help="dataset folder (default for fashion-mnist: Debian's)")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from collage_inference.training.export import export_onnx
+    from collage_inference.training.presets import PRESETS, preset
+    from collage_inference.training.train import TrainConfig, train
+
+    overrides = {
+        k: v
+        for k, v in {
+            "epochs": args.epochs,
+            "seed": args.seed,
+            "resume": args.resume,
+            "train_limit": args.train_limit,
+            "val_size": args.val_size,
+            "progress": not args.quiet,
+        }.items()
+        if v is not None
+    }
+    if args.preset:
+        names = list(PRESETS) if args.preset == "all" else [args.preset]
+        configs = [preset(n, args.models_dir, **overrides) for n in names]
+    else:
+        if args.out is None:
+            raise ConfigError("give --out PATH.pt for the checkpoint (or use --preset)")
+        model = _model_config_from_args(args)
+        extra = {
+            "dataset": args.dataset,
+            "data_dir": args.data_dir,
+            "batch_size": args.batch_size,
+            "lr": args.lr,
+        }
+        configs = [
+            TrainConfig(
+                model=model, out=args.out, **{k: v for k, v in extra.items() if v is not None}, **overrides
+            )
+        ]
+    start = time.perf_counter()
+    for cfg in configs:
+        result = train(cfg)
+        report = export_onnx(*_load(result.path), result.path.with_suffix(".onnx"))
+        m = result.meta.metrics
+        print(
+            f"{result.meta.name}: val accuracy {m['val_accuracy']:.4f}, {m['gflops'] * 1e3:.1f} MFLOPs, "
+            f"{m['params']:,} params, trained in {result.seconds:.0f}s -> {result.path} "
+            f"(+ .onnx, max |logit diff| {report.max_abs_diff:.1e})"
+        )
+    if len(configs) > 1:
+        print(f"trained {len(configs)} models in {(time.perf_counter() - start) / 60:.1f} min")
+    return 0
+
+
+def _load(path: Path):
+    from collage_inference.training.checkpoint import load_checkpoint
+
+    return load_checkpoint(path)
+
+
+def _model_config_from_args(args: argparse.Namespace):
+    from collage_inference.data import load_dataset
+    from collage_inference.training.models import ModelConfig, resnet_config
+
+    probe = load_dataset(args.dataset, "test", args.data_dir, args.image_size)
+    size = args.image_size or probe.image_size
+    w, d = args.width, args.depth
+    if args.kind == "scnn":
+        if args.arch in ("resnet18", "resnet34"):
+            return resnet_config(int(args.arch[6:]), probe.num_classes, probe.channels, size)
+        return ModelConfig(
+            "scnn",
+            probe.num_classes,
+            probe.channels,
+            size,
+            stem_width=w,
+            widths=(w, 2 * w, 4 * w),
+            blocks=(d, d, d),
+            mean=(0.5,) * probe.channels,
+            std=(0.25,) * probe.channels,
+        )
+    tile = args.tile_size or size
+    strides = (2, 2, 2) if tile % 8 == 0 else (2, 2, 1) if tile % 4 == 0 else None
+    if strides is None:
+        raise ConfigError(f"--tile-size {tile} must be a multiple of 4")
+    return ModelConfig(
+        "collage",
+        probe.num_classes,
+        probe.channels,
+        tile,
+        args.grid,
+        stem_width=max(w // 2, 8),
+        widths=(w, 2 * w, 4 * w),
+        blocks=(1, d, d),
+        strides=strides,
+        mean=(0.5,) * probe.channels,
+        std=(0.25,) * probe.channels,
+    )
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from collage_inference.data import load_dataset
+    from collage_inference.training.evaluate import evaluate_model, render_table
+
+    paths = args.models or shipped_checkpoints(args.models_dir)
+    test = load_dataset(args.dataset, "test", args.data_dir)
+    reports = []
+    for path in paths:
+        print(f"evaluating {path.name} ...", file=sys.stderr, flush=True)
+        reports.append(evaluate_model(Path(path), test, args.threads, args.latency_runs))
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "dataset": test.name,
+                    "split": "test",
+                    "threads": args.threads,
+                    "models": [r.to_dict() for r in reports],
+                },
+                indent=2,
+            )
+        )
+    else:
+        print(render_table(reports))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from collage_inference.training.export import export_onnx
+
+    out = args.out or args.checkpoint.with_suffix(".onnx")
+    report = export_onnx(*_load(args.checkpoint), out)
+    print(f"{out}: max |logit diff| vs PyTorch {report.max_abs_diff:.2e}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from collage_inference.training.export import read_onnx_meta
+
+    meta = read_onnx_meta(args.model) if args.model.suffix == ".onnx" else _load(args.model)[1]
+    print(json.dumps(meta.to_dict(), indent=2))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    print("collage-inference demo: evaluating the shipped Fashion-MNIST models\n", flush=True)
+    args.models, args.json, args.dataset, args.data_dir = None, False, "fashion-mnist", None
+    return cmd_eval(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="collage", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"collage-inference {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train a model (or the shipped ones with --preset all)")
+    p.add_argument("--preset", help="a shipped recipe: scnn, collage-2x2, collage-3x3, collage-4x4, or all")
+    p.add_argument("--models-dir", type=Path, default=DEFAULT_MODELS_DIR, help="where presets write")
+    p.add_argument("--kind", choices=("scnn", "collage"), default="scnn")
+    p.add_argument("--arch", choices=("small", "resnet18", "resnet34"), default="small", help="s-CNN shape")
+    p.add_argument("--grid", type=int, default=3, help="collage side S (k = S*S cells)")
+    p.add_argument("--tile-size", type=int, help="collage tile side in pixels (default: image size)")
+    p.add_argument("--image-size", type=int, help="resize images to this side (imagefolder)")
+    p.add_argument("--width", type=int, default=32, help="channels of the first stage")
+    p.add_argument("--depth", type=int, default=1, help="blocks per stage")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--train-limit", type=int, help="use only the first N training images")
+    p.add_argument("--val-size", type=int, help="held-out training images (default: min(5000, 10%%))")
+    p.add_argument("--resume", action="store_true", default=None, help="continue from OUT.resume.pt")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--out", type=Path, help="checkpoint path (.pt); the .onnx goes beside it")
+    _add_data_args(p)
+    p.set_defaults(func=cmd_train)
+
+    for name, helptext, func in (("eval", "evaluate models", cmd_eval), ("demo", "the main job", cmd_demo)):
+        p = sub.add_parser(name, help=helptext)
+        if name == "eval":
+            p.add_argument("models", nargs="*", type=Path, help="checkpoints (default: the shipped models)")
+            p.add_argument("--json", action="store_true", help="one JSON object on stdout")
+            _add_data_args(p)
+        p.add_argument("--models-dir", type=Path, default=DEFAULT_MODELS_DIR)
+        p.add_argument("--threads", type=int, default=1, help="CPU threads for latency")
+        p.add_argument("--latency-runs", type=int, default=200, help="timed batch-1 runs per model")
+        p.set_defaults(func=func)
+
+    p = sub.add_parser("export", help="export a checkpoint to ONNX with a parity check")
+    p.add_argument("checkpoint", type=Path)
+    p.add_argument("--out", type=Path)
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("info", help="print what a .pt or .onnx model holds")
+    p.add_argument("model", type=Path)
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser(
+        "worker", help="serve one model over KServe V2 (see `collage worker --help`)", add_help=False
+    )
+    p.set_defaults(func=None)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["worker"]:  # the worker owns its flags
+        from collage_inference.serving.worker import main as worker_main
+
+        return worker_main(argv[1:])
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except CollageError as exc:
+        print(f"collage {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""The one exception hierarchy of collage-inference.
+
+    CollageError                    base: catch this to catch everything we raise on purpose
+    ├── ConfigError                 a setting or flag is invalid (bad grid, unknown model kind)
+    ├── DataError                   a dataset cannot be read
+    │   ├── DataNotFoundError       a file or folder is missing
+    │   └── DataFormatError         a file is truncated, corrupt or laid out wrongly
+    ├── GeometryError               tiles and grid do not fit together
+    ├── ModelError                  a checkpoint or exported model cannot be built or loaded
+    │   └── ExportError             ONNX export failed or does not match PyTorch
+    └── ServingError                serving failed; ``status`` is the HTTP code it maps to
+        ├── ProtocolError           400: malformed request (JSON, dtype, shape, image)
+        │   └── PayloadTooLargeError  413: body or image beyond the limits
+        ├── ModelNotFoundError      404: unknown model name
+        ├── OverloadedError         429: queues full, retry later
+        ├── WorkerError             502: a worker failed or answered garbage
+        ├── UnavailableError        503: no worker ready
+        └── DeadlineExceededError   504: the end-to-end deadline passed
+
+Every message says what was wrong and, where there is one, how to fix it. Lower-level
+exceptions are converted at the boundary with ``raise ... from exc`` so the cause is kept.
+"""
+
+
+class CollageError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+
+class ConfigError(CollageError):
+    """A setting, flag or config file value is invalid."""
+
+
+class DataError(CollageError):
+    """A dataset cannot be read."""
+
+
+class DataNotFoundError(DataError):
+    """A dataset file or folder does not exist."""
+
+
+class DataFormatError(DataError):
+    """A dataset file exists but is truncated, corrupt or has the wrong layout."""
+
+
+class GeometryError(CollageError):
+    """Tiles, cells and grid size are inconsistent."""
+
+
+class ModelError(CollageError):
+    """A model, checkpoint or exported model cannot be built or loaded."""
+
+
+class ExportError(ModelError):
+    """ONNX export failed or its outputs differ from PyTorch."""
+
+
+class ServingError(CollageError):
+    """Serving failed; subclasses map to HTTP status codes in one place (the HTTP layer)."""
+
+    status: int = 500
+
+
+class ProtocolError(ServingError):
+    """A request is malformed: bad JSON, wrong dtype or shape, undecodable image (HTTP 400)."""
+
+    status = 400
+
+
+class PayloadTooLargeError(ProtocolError):
+    """A request body or image exceeds the configured limits (HTTP 413)."""
+
+    status = 413
+
+
+class ModelNotFoundError(ServingError):
+    """The request names a model this server does not serve (HTTP 404)."""
+
+    status = 404
+
+
+class OverloadedError(ServingError):
+    """Queues are full; the client should retry later (HTTP 429)."""
+
+    status = 429
+
+
+class WorkerError(ServingError):
+    """A worker failed, hung, or answered garbage (HTTP 502 when nothing else can answer)."""
+
+    status = 502
+
+
+class UnavailableError(ServingError):
+    """No worker is ready to take the request (HTTP 503)."""
+
+    status = 503
+
+
+class DeadlineExceededError(ServingError):
+    """The request missed its end-to-end deadline (HTTP 504)."""
+
+    status = 504
