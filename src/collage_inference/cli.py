@@ -100,7 +100,8 @@ def _load(path: Path):
 
 def _model_config_from_args(args: argparse.Namespace):
     from collage_inference.data import load_dataset
-    from collage_inference.training.models import ModelConfig, resnet_config
+    from collage_inference.modelspec import ModelConfig
+    from collage_inference.training.models import resnet_config
 
     probe = load_dataset(args.dataset, "test", args.data_dir, args.image_size)
     size = args.image_size or probe.image_size
@@ -140,7 +141,12 @@ def _model_config_from_args(args: argparse.Namespace):
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from collage_inference.data import load_dataset
-    from collage_inference.training.evaluate import evaluate_model, render_table
+    from collage_inference.training.evaluate import (
+        evaluate_model,
+        machine_summary,
+        render_table,
+        write_model_card,
+    )
 
     paths = args.models or shipped_checkpoints(args.models_dir)
     test = load_dataset(args.dataset, "test", args.data_dir)
@@ -148,20 +154,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for path in paths:
         print(f"evaluating {path.name} ...", file=sys.stderr, flush=True)
         reports.append(evaluate_model(Path(path), test, args.threads, args.latency_runs))
-    if args.json:
-        print(
-            json.dumps(
-                {
-                    "dataset": test.name,
-                    "split": "test",
-                    "threads": args.threads,
-                    "models": [r.to_dict() for r in reports],
-                },
-                indent=2,
-            )
-        )
-    else:
-        print(render_table(reports))
+    result = {
+        "dataset": test.name,
+        "split": "test",
+        "threads": args.threads,
+        "machine": machine_summary(),
+        "models": [r.to_dict() for r in reports],
+    }
+    print(json.dumps(result, indent=2) if args.json else render_table(reports))
+    if getattr(args, "write_card", False):
+        readme = REPO_ROOT / "README.md"
+        shipped = args.models_dir.resolve() == (REPO_ROOT / "models" / "fashion-mnist").resolve()
+        write_model_card(args.models_dir, result, render_table(reports), (readme,) if shipped else ())
+        print(f"recorded the figures in {args.models_dir}/eval.json and MODEL_CARD.md", file=sys.stderr)
     return 0
 
 
@@ -175,7 +180,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from collage_inference.training.export import read_onnx_meta
+    from collage_inference.onnxfile import read_onnx_meta
 
     meta = read_onnx_meta(args.model) if args.model.suffix == ".onnx" else _load(args.model)[1]
     print(json.dumps(meta.to_dict(), indent=2))
@@ -220,6 +225,11 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "eval":
             p.add_argument("models", nargs="*", type=Path, help="checkpoints (default: the shipped models)")
             p.add_argument("--json", action="store_true", help="one JSON object on stdout")
+            p.add_argument(
+                "--write-card",
+                action="store_true",
+                help="also record the figures in MODELS_DIR/eval.json and MODEL_CARD.md",
+            )
             _add_data_args(p)
         p.add_argument("--models-dir", type=Path, default=DEFAULT_MODELS_DIR)
         p.add_argument("--threads", type=int, default=1, help="CPU threads for latency")

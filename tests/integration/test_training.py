@@ -6,9 +6,9 @@ import sys
 import numpy as np
 import pytest
 
+from collage_inference.onnxfile import read_onnx_meta
 from collage_inference.training.checkpoint import load_checkpoint
 from collage_inference.training.evaluate import evaluate_model
-from collage_inference.training.export import read_onnx_meta
 
 pytestmark = pytest.mark.slow
 

@@ -7,55 +7,17 @@ Training state (optimizer, scheduler, epoch) rides along in resumable checkpoint
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from collage_inference import __version__
 from collage_inference.errors import ModelError
-from collage_inference.training.models import ModelConfig, build_model
+from collage_inference.modelspec import ModelMeta
+from collage_inference.training.models import build_model
 
 FORMAT_VERSION = 1
-
-
-@dataclass(frozen=True)
-class ModelMeta:
-    """What a served or evaluated model needs to know about itself (normalisation is in the config)."""
-
-    name: str
-    config: ModelConfig
-    class_names: tuple[str, ...]
-    dataset: dict[str, str] = field(default_factory=dict)
-    metrics: dict[str, float] = field(default_factory=dict)
-    code_version: str = __version__
-
-    @property
-    def kind(self) -> str:
-        return self.config.kind
-
-    @property
-    def grid(self) -> int:
-        return self.config.grid
-
-    @property
-    def labels(self) -> tuple[str, ...]:
-        """Names of every output class: collage models end with ``empty``."""
-        return self.class_names + (("empty",) if self.kind == "collage" else ())
-
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["config"] = self.config.to_dict()
-        return data
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ModelMeta:
-        data = dict(data)
-        data["config"] = ModelConfig.from_dict(data["config"])
-        data["class_names"] = tuple(data["class_names"])
-        return cls(**data)
 
 
 def save_checkpoint(

@@ -9,7 +9,10 @@ and ONNX Runtime with the same thread count.
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import platform
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -19,10 +22,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from collage_inference import __version__
 from collage_inference.data import ImageDataset
+from collage_inference.errors import ConfigError
 from collage_inference.grid import fit_images
-from collage_inference.training.checkpoint import ModelMeta, load_checkpoint
-from collage_inference.training.export import onnx_session
+from collage_inference.modelspec import ModelMeta
+from collage_inference.onnxfile import onnx_session
+from collage_inference.training.checkpoint import load_checkpoint
 from collage_inference.training.models import model_cost
 from collage_inference.training.synthesis import EMPTY_SOURCE, CollageSynthesizer
 from collage_inference.training.train import to_tensor
@@ -149,3 +155,39 @@ def render_table(reports: list[ModelReport]) -> str:
             f"| {r.latency_ms_torch:.3f} | {onnx} |"
         )
     return "\n".join([head, *rows])
+
+
+TABLE_START, TABLE_END = "<!-- eval-table:start -->", "<!-- eval-table:end -->"
+
+
+def machine_summary() -> str:
+    """Where a figure was measured: CPU model, core count, OS, library versions."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    import onnxruntime
+
+    return (
+        f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, "
+        f"Python {platform.python_version()}, torch {torch.__version__}, "
+        f"onnxruntime {onnxruntime.__version__}, collage-inference {__version__}"
+    )
+
+
+def replace_table(text: str, table: str, where: str) -> str:
+    """Put ``table`` between the eval-table markers of a markdown document."""
+    if TABLE_START not in text or TABLE_END not in text:
+        raise ConfigError(f"{where} lacks the {TABLE_START} ... {TABLE_END} markers around its table")
+    head, rest = text.split(TABLE_START, 1)
+    return f"{head}{TABLE_START}\n{table}\n{TABLE_END}{rest.split(TABLE_END, 1)[1]}"
+
+
+def write_model_card(models_dir: Path, result: dict, table: str, also: tuple[Path, ...] = ()) -> None:
+    """Record eval figures in ``eval.json`` and the table of ``MODEL_CARD.md`` (and of the
+    documents in ``also``, such as the README), so every copy stays in step."""
+    (models_dir / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+    for doc in (models_dir / "MODEL_CARD.md", *also):
+        doc.write_text(replace_table(doc.read_text(), table, str(doc)))

@@ -25,8 +25,9 @@ from tqdm import tqdm
 from collage_inference.data import ImageDataset, load_dataset
 from collage_inference.errors import ConfigError
 from collage_inference.grid import fit_images
-from collage_inference.training.checkpoint import ModelMeta, read_checkpoint, save_checkpoint
-from collage_inference.training.models import ModelConfig, build_model, model_cost
+from collage_inference.modelspec import ModelConfig, ModelMeta
+from collage_inference.training.checkpoint import read_checkpoint, save_checkpoint
+from collage_inference.training.models import build_model, model_cost
 from collage_inference.training.synthesis import CollageSynthesizer
 
 

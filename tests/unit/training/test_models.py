@@ -3,9 +3,11 @@ import pytest
 import torch
 
 from collage_inference.errors import ConfigError, ExportError, ModelError
-from collage_inference.training.checkpoint import ModelMeta, load_checkpoint, save_checkpoint
-from collage_inference.training.export import export_onnx, onnx_session, read_onnx_meta
-from collage_inference.training.models import ModelConfig, build_model, model_cost, resnet_config
+from collage_inference.modelspec import ModelConfig, ModelMeta
+from collage_inference.onnxfile import onnx_session, read_onnx_meta
+from collage_inference.training.checkpoint import load_checkpoint, save_checkpoint
+from collage_inference.training.export import export_onnx
+from collage_inference.training.models import build_model, model_cost, resnet_config
 from collage_inference.training.presets import PRESETS
 
 CLASSES = tuple(f"c{i}" for i in range(10))

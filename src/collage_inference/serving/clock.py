@@ -1,0 +1,50 @@
+"""Time as an argument: the pure stages never read a clock themselves.
+
+The grouper and decoder take ``now`` on every call, so tests drive them with a
+:class:`FakeClock` and replay any interleaving exactly, while the asyncio front end passes
+:class:`MonotonicClock` readings. Monotonic, never wall time: deadlines must not jump when NTP
+adjusts the system clock.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Protocol, runtime_checkable
+
+
+@runtime_checkable
+class Clock(Protocol):
+    """Anything that tells the current time in seconds on a monotonic scale."""
+
+    def now(self) -> float: ...
+
+
+class MonotonicClock:
+    """The production clock: ``time.monotonic()`` in seconds."""
+
+    def now(self) -> float:
+        return time.monotonic()
+
+
+class FakeClock:
+    """A clock that moves only when told to; for tests and simulations."""
+
+    def __init__(self, start: float = 0.0) -> None:
+        self._now = float(start)
+
+    def now(self) -> float:
+        return self._now
+
+    def advance(self, seconds: float) -> float:
+        """Move forward by ``seconds`` (never backwards) and return the new time."""
+        if seconds < 0:
+            raise ValueError(f"a clock cannot go backwards (advance by {seconds})")
+        self._now += seconds
+        return self._now
+
+    def set(self, when: float) -> float:
+        """Jump to ``when``, which must not be in the past; returns it."""
+        if when < self._now:
+            raise ValueError(f"a clock cannot go backwards (from {self._now} to {when})")
+        self._now = float(when)
+        return self._now

@@ -1,0 +1,352 @@
+"""The decoder: pick each request's one answer from its primary, its collage cell or a replica.
+
+Decoding in the coding-theory sense: recover every request's answer from whichever redundant
+results arrived. A pure state machine: each event method takes ``now`` and returns the actions
+the IO layer must carry out (:class:`Answer`, :class:`Reissue`, :class:`Fail`); nothing here
+waits or reads a clock. The IO layer calls :meth:`Decoder.tick` at :meth:`Decoder.next_deadline`.
+
+Rules, per request:
+
+* A primary (or replica) answer is answered at once: it is the most accurate one.
+* A collage cell labelled ``empty`` (or out of range) is never an answer; the cell counts as a
+  lost backup.
+* Policy ``first``: a usable collage cell is answered at once.
+  Policy ``patient`` (default): a usable collage cell waits for the primary until the primary
+  is due (admission + an adaptive timeout: a high quantile of recent primary latencies,
+  bounded), then answers. Primaries that beat the timeout keep full accuracy; only
+  stragglers are answered by the less accurate collage.
+* When the primary is late or failed and the backup is late or lost, the request is
+  re-issued (at most ``max_reissues`` times) to another worker; its answer has source
+  ``replica``. With nothing left to wait for and no re-issue left: 503.
+* At its end-to-end deadline an unanswered request fails with 504 (a usable collage cell in
+  hand is answered instead: late but right beats an error).
+* Exactly once: a request leaves the state machine with its Answer or Fail. Replies that
+  arrive later are dropped and counted in :attr:`Decoder.stats`; their latency still feeds
+  the window, otherwise stragglers would vanish from the statistics that detect them.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections import Counter, OrderedDict
+from dataclasses import dataclass, field
+from enum import Enum, auto
+from itertools import count
+
+from collage_inference.errors import ConfigError, ProtocolError
+from collage_inference.serving.latency import AdaptiveTimeout, LatencyWindow
+from collage_inference.serving.types import (
+    Action,
+    Answer,
+    DecoderPolicy,
+    Fail,
+    Group,
+    Prediction,
+    Reissue,
+    Reply,
+    Request,
+    Source,
+)
+
+_INF = math.inf
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    """class_names: the s-CNN classes; a collage label equal to ``len(class_names)`` is
+    ``empty``. primary_timeout / collage_timeout: when a primary (from admission) or a collage
+    (from its group closing) counts as late. max_reissues: replicas per request.
+    recent: how many finished requests to remember, to tell late replies from unknown ones."""
+
+    class_names: tuple[str, ...]
+    policy: DecoderPolicy = DecoderPolicy.PATIENT
+    primary_timeout: AdaptiveTimeout = field(
+        default_factory=lambda: AdaptiveTimeout(
+            quantile=0.9, factor=1.0, floor=0.002, ceiling=1.0, initial=0.1
+        )
+    )
+    collage_timeout: AdaptiveTimeout = field(
+        default_factory=lambda: AdaptiveTimeout(
+            quantile=0.9, factor=1.5, floor=0.002, ceiling=1.0, initial=0.1
+        )
+    )
+    max_reissues: int = 1
+    window: int = 256
+    recent: int = 4096
+
+    def __post_init__(self) -> None:
+        if not self.class_names:
+            raise ConfigError("the decoder needs the class names of the served models")
+        if self.max_reissues < 0:
+            raise ConfigError(f"max_reissues must be >= 0, got {self.max_reissues}")
+        if self.recent < 0:
+            raise ConfigError(f"recent must be >= 0, got {self.recent}")
+
+
+@dataclass
+class DecoderStats:
+    """Running counters for reports and metrics; read them, never reset them mid-run."""
+
+    answered: Counter[Source] = field(default_factory=Counter)
+    late: Counter[Source] = field(default_factory=Counter)  # dropped: request already finished
+    unknown: int = 0  # replies for requests never admitted or long forgotten
+    empty_cells: int = 0  # collage cells of real requests that came back ``empty``
+    bad_replies: int = 0  # replies with a missing or out-of-range label
+    reissues: int = 0
+    failed: Counter[int] = field(default_factory=Counter)  # by HTTP status
+
+
+class _Backup(Enum):
+    NONE = auto()  # no collage covers this request
+    EXPECTED = auto()  # it will be grouped; due time unknown until its group closes
+    PENDING = auto()  # its collage is at a worker, due at collage_due
+    HELD = auto()  # a usable cell is in hand (patient policy, waiting for the primary)
+    LOST = auto()  # the collage failed or the cell was empty / garbage
+
+
+@dataclass(slots=True)
+class _State:
+    request: Request
+    admitted: float
+    primary_worker: str | None
+    primary_due: float
+    single_due: float  # when the newest outstanding s-CNN call (primary or replica) is late
+    single_sent: float
+    single_outstanding: int = 1
+    backup: _Backup = _Backup.NONE
+    collage_due: float = _INF
+    held: tuple[Prediction, Reply, float] | None = None  # (cell prediction, reply, since)
+    reissues: int = 0
+    wake: float = _INF
+
+
+class Decoder:
+    """Answers each admitted request exactly once; see the module docstring for the rules."""
+
+    def __init__(
+        self,
+        config: DecoderConfig,
+        primary_latencies: LatencyWindow | None = None,
+        collage_latencies: LatencyWindow | None = None,
+    ) -> None:
+        self.config = config
+        self.num_classes = len(config.class_names)
+        # `is None`, not `or`: an empty window is falsy (len 0) but must still be shared
+        self.primary_latencies = (
+            LatencyWindow(config.window) if primary_latencies is None else primary_latencies
+        )
+        self.collage_latencies = (
+            LatencyWindow(config.window) if collage_latencies is None else collage_latencies
+        )
+        self.stats = DecoderStats()
+        self._pending: dict[str, _State] = {}
+        self._recent: OrderedDict[str, tuple[float, float]] = OrderedDict()  # id -> (admitted, last sent)
+        self._heap: list[tuple[float, int, str]] = []
+        self._seq = count()
+
+    # -- events ---------------------------------------------------------------------------
+
+    def admit(
+        self, request: Request, now: float, *, worker_id: str | None = None, backup: bool = True
+    ) -> list[Action]:
+        """A request was sent to its primary (on ``worker_id``); ``backup``: a collage will
+        cover it (call :meth:`add_group` when its group closes)."""
+        if request.id in self._pending:
+            raise ProtocolError(f"request id {request.id} is already in flight; ids must be unique")
+        self._recent.pop(request.id, None)
+        due = now + self.primary_patience()
+        st = _State(request, now, worker_id, due, due, now)
+        st.backup = _Backup.EXPECTED if backup else _Backup.NONE
+        self._pending[request.id] = st
+        return self._settle(st, now)
+
+    def add_group(self, group: Group, now: float) -> list[Action]:
+        """The group's collage was sent to a collage worker now."""
+        due = now + self.collage_patience()
+        actions: list[Action] = []
+        for request in group.requests:
+            st = self._pending.get(request.id)
+            if st is not None and st.backup in (_Backup.NONE, _Backup.EXPECTED):
+                st.backup, st.collage_due = _Backup.PENDING, due
+                actions += self._settle(st, now)
+        return actions
+
+    def primary_reply(self, request_id: str, reply: Reply, now: float) -> list[Action]:
+        """An s-CNN call answered: the primary, or a replica (``reply.source`` tells which)."""
+        st = self._pending.get(request_id)
+        if st is None:
+            sent = self._recent.get(request_id)
+            if sent is None:
+                self.stats.unknown += 1
+            else:
+                self.stats.late[reply.source] += 1
+                self._observe_single(reply.source, now, *sent)
+            return []
+        self._observe_single(reply.source, now, st.admitted, st.single_sent)
+        st.single_outstanding = max(st.single_outstanding - 1, 0)
+        prediction = reply.predictions[0] if len(reply.predictions) == 1 else None
+        if prediction is None or not 0 <= prediction.label < self.num_classes:
+            self.stats.bad_replies += 1
+            return self._settle(st, now)
+        source = Source.PRIMARY if reply.source == Source.PRIMARY else Source.REPLICA
+        return self._finish(st, self._answer(st, prediction, reply, source, now))
+
+    def collage_reply(self, group: Group, reply: Reply, now: float) -> list[Action]:
+        """The collage-CNN answered for ``group``: one prediction per cell, k in all."""
+        self.collage_latencies.add(now - group.closed_at)
+        garbage = len(reply.predictions) != group.k
+        if garbage:
+            self.stats.bad_replies += 1
+        actions: list[Action] = []
+        for cell, request in enumerate(group.requests):
+            st = self._pending.get(request.id)
+            if st is None:
+                if request.id in self._recent:
+                    self.stats.late[Source.COLLAGE] += 1
+                else:
+                    self.stats.unknown += 1
+                continue
+            prediction = None if garbage else reply.predictions[cell]
+            if prediction is not None and 0 <= prediction.label < self.num_classes:
+                st.backup, st.held = _Backup.HELD, (prediction, reply, now)
+            else:
+                if prediction is not None and prediction.label == self.num_classes:
+                    self.stats.empty_cells += 1
+                elif prediction is not None:
+                    self.stats.bad_replies += 1
+                st.backup = _Backup.LOST
+            actions += self._settle(st, now)
+        return actions
+
+    def worker_failed(self, target: str | Group, now: float) -> list[Action]:
+        """An s-CNN call for request id ``target``, or the collage call for group ``target``,
+        failed (error, garbage, connection lost)."""
+        if isinstance(target, Group):
+            actions: list[Action] = []
+            for request in target.requests:
+                st = self._pending.get(request.id)
+                if st is not None and st.backup in (_Backup.EXPECTED, _Backup.PENDING):
+                    st.backup = _Backup.LOST
+                    actions += self._settle(st, now)
+            return actions
+        st = self._pending.get(target)
+        if st is None:
+            return []
+        st.single_outstanding = max(st.single_outstanding - 1, 0)
+        return self._settle(st, now)
+
+    def tick(self, now: float) -> list[Action]:
+        """Act on every deadline that has passed: patient holds, re-issues, 504s."""
+        actions: list[Action] = []
+        while self._heap and self._heap[0][0] <= now:
+            when, _, request_id = heapq.heappop(self._heap)
+            st = self._pending.get(request_id)
+            if st is not None and st.wake == when:
+                st.wake = _INF
+                actions += self._settle(st, now)
+        return actions
+
+    def next_deadline(self) -> float | None:
+        """When :meth:`tick` next has work (monotonic seconds), None when nothing waits."""
+        while self._heap:
+            when, _, request_id = self._heap[0]
+            st = self._pending.get(request_id)
+            if st is not None and st.wake == when:
+                return when
+            heapq.heappop(self._heap)  # stale: finished, or rescheduled
+        return None
+
+    # -- introspection ----------------------------------------------------------------------
+
+    @property
+    def pending(self) -> int:
+        """Requests admitted and not yet answered or failed."""
+        return len(self._pending)
+
+    def primary_patience(self) -> float:
+        """Seconds after admission at which a primary counts as a straggler."""
+        return self.config.primary_timeout.of(self.primary_latencies)
+
+    def collage_patience(self) -> float:
+        """Seconds after sending at which a collage counts as late."""
+        return self.config.collage_timeout.of(self.collage_latencies)
+
+    # -- the rules --------------------------------------------------------------------------
+
+    def _settle(self, st: _State, now: float) -> list[Action]:
+        """Apply every rule that is due at ``now`` and schedule the next wake-up."""
+        deadline = st.request.deadline
+        if st.held is not None:
+            prediction, reply, since = st.held
+            hold_until = min(st.primary_due, deadline)
+            if self.config.policy == DecoderPolicy.FIRST or now >= hold_until or st.single_outstanding == 0:
+                answer = self._answer(st, prediction, reply, Source.COLLAGE, now, held=now - since)
+                return self._finish(st, answer)
+        if now >= deadline:
+            message = f"request {st.request.id} missed its end-to-end deadline; no path answered in time"
+            return self._finish(st, Fail(st.request.id, 504, message))
+        actions: list[Action] = []
+        reissue_at = self._reissue_at(st)
+        while now >= reissue_at and st.reissues < self.config.max_reissues:
+            st.reissues += 1
+            st.single_outstanding += 1
+            st.single_sent, st.single_due = now, now + self.primary_patience()
+            self.stats.reissues += 1
+            actions.append(Reissue(st.request.id, st.primary_worker, st.reissues))
+            reissue_at = self._reissue_at(st)
+        waiting = st.single_outstanding > 0 or st.backup in (_Backup.EXPECTED, _Backup.PENDING, _Backup.HELD)
+        if not waiting:
+            message = f"request {st.request.id}: every worker call failed and no re-issue is left"
+            return actions + self._finish(st, Fail(st.request.id, 503, message))
+        wake = deadline
+        if st.held is not None:
+            wake = min(wake, st.primary_due)
+        if st.reissues < self.config.max_reissues:
+            wake = min(wake, reissue_at)
+        if wake != st.wake:
+            st.wake = wake
+            heapq.heappush(self._heap, (wake, next(self._seq), st.request.id))
+        return actions
+
+    def _reissue_at(self, st: _State) -> float:
+        """When both the s-CNN call(s) and the backup count as late (or lost)."""
+        if st.held is not None:
+            return _INF  # a usable backup is in hand; it answers when the primary is due
+        single = st.single_due if st.single_outstanding > 0 else -_INF
+        backup = {_Backup.EXPECTED: _INF, _Backup.PENDING: st.collage_due}.get(st.backup, -_INF)
+        return max(single, backup)
+
+    def _answer(
+        self, st: _State, prediction: Prediction, reply: Reply, source: Source, now: float, held: float = 0.0
+    ) -> Answer:
+        timings = dict(reply.timings)
+        if held:
+            timings["held"] = held  # how long the patient policy waited for the primary
+        return Answer(
+            request_id=st.request.id,
+            label=prediction.label,
+            class_name=self.config.class_names[prediction.label],
+            confidence=prediction.confidence,
+            source=source,
+            latency=now - st.request.arrival,
+            worker_id=reply.worker_id,
+            timings=timings,
+            probabilities=prediction.probabilities,
+        )
+
+    def _finish(self, st: _State, action: Answer | Fail) -> list[Action]:
+        del self._pending[st.request.id]
+        if self.config.recent:
+            self._recent[st.request.id] = (st.admitted, st.single_sent)
+            while len(self._recent) > self.config.recent:
+                self._recent.popitem(last=False)
+        if isinstance(action, Answer):
+            self.stats.answered[action.source] += 1
+        else:
+            self.stats.failed[action.status] += 1
+        return [action]
+
+    def _observe_single(self, source: Source, now: float, admitted: float, last_sent: float) -> None:
+        # A replica's send time is only known for the newest one; good enough for a window.
+        self.primary_latencies.add(now - (admitted if source == Source.PRIMARY else last_sent))

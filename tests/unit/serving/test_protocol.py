@@ -1,0 +1,392 @@
+"""Open Inference Protocol parse/render: round trips in both layouts, every refusal, and fuzzing."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from collage_inference.errors import PayloadTooLargeError, ProtocolError
+from collage_inference.serving.protocol import (
+    DATATYPES,
+    HEADER_LENGTH,
+    InferRequest,
+    InferResponse,
+    InferTensor,
+    Limits,
+    RequestedOutput,
+    parse_infer_request,
+    parse_infer_response,
+    render_infer_request,
+    render_infer_response,
+)
+
+NUMERIC = [name for name in DATATYPES if name != "BYTES"]
+
+
+def sample_array(datatype: str, shape: tuple[int, ...] = (2, 3)) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    dtype = DATATYPES[datatype]
+    if datatype == "BOOL":
+        return rng.random(shape) < 0.5
+    if dtype.kind in "iu":
+        info = np.iinfo(dtype)
+        return np.array([info.min, info.max, 0, 1, info.max - 1, info.min + 1], dtype).reshape(shape)
+    return (rng.standard_normal(shape) * 100).astype(dtype)
+
+
+def round_trip(request: InferRequest, binary: bool) -> InferRequest:
+    body, headers = render_infer_request(request, binary_inputs=binary)
+    return parse_infer_request(body, headers.get(HEADER_LENGTH))
+
+
+def json_body(**doc) -> bytes:
+    return json.dumps(doc).encode()
+
+
+def tensor(name="x", datatype="FP32", shape=(2,), data=(0.5, 1.0), **extra) -> dict:
+    entry = {"name": name, "datatype": datatype, "shape": None if shape is None else list(shape), **extra}
+    if data is not None:
+        entry["data"] = list(data)
+    return entry
+
+
+# --- round trips ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
+@pytest.mark.parametrize("datatype", NUMERIC)
+def test_numeric_tensors_round_trip(datatype: str, binary: bool) -> None:
+    array = sample_array(datatype)
+    parsed = round_trip(InferRequest("r1", (InferTensor.of("x", array),)), binary)
+    (got,) = parsed.inputs
+    assert parsed.id == "r1" and got.name == "x" and got.datatype == datatype and got.shape == (2, 3)
+    assert got.data.dtype == DATATYPES[datatype]
+    np.testing.assert_array_equal(got.data, array)
+
+
+@pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
+def test_bytes_tensors_round_trip(binary: bool) -> None:
+    values = np.array([b"", "héllo".encode(), b"x" * 300], dtype=object)
+    parsed = round_trip(InferRequest(None, (InferTensor.of("s", values),)), binary)
+    assert parsed.inputs[0].datatype == "BYTES" and list(parsed.inputs[0].data) == list(values)
+
+
+def test_binary_bytes_layout_is_length_prefixed_little_endian() -> None:
+    request = InferRequest(None, (InferTensor.of("s", np.array([b"ab", b"c"], dtype=object)),))
+    body, headers = render_infer_request(request)
+    assert body[int(headers[HEADER_LENGTH]) :] == b"\x02\x00\x00\x00ab\x01\x00\x00\x00c"
+
+
+def test_binary_numbers_are_little_endian() -> None:
+    request = InferRequest(None, (InferTensor.of("x", np.array([1], ">u2")),))
+    body, headers = render_infer_request(request)
+    assert body[int(headers[HEADER_LENGTH]) :] == b"\x01\x00"
+
+
+def test_several_binary_and_json_inputs_mix_in_one_body() -> None:
+    header = {
+        "inputs": [
+            tensor("a", "UINT8", (3,), None, parameters={"binary_data_size": 3}),
+            tensor("b", "INT32", (2,), (7, -8)),
+            tensor("c", "FP32", (1,), None, parameters={"binary_data_size": 4}),
+        ]
+    }
+    head = json.dumps(header).encode()
+    body = head + bytes([1, 2, 3]) + np.array([2.5], "<f4").tobytes()
+    a, b, c = parse_infer_request(body, str(len(head))).inputs
+    assert a.data.tolist() == [1, 2, 3] and b.data.tolist() == [7, -8] and c.data.tolist() == [2.5]
+
+
+def test_nested_json_data_is_read_in_row_major_order() -> None:
+    body = json_body(inputs=[tensor("x", "INT64", (2, 2), [[1, 2], [3, 4]])])
+    assert parse_infer_request(body).inputs[0].data.tolist() == [[1, 2], [3, 4]]
+
+
+def test_requested_outputs_and_binary_flags() -> None:
+    body = json_body(
+        inputs=[tensor()],
+        outputs=[{"name": "label"}, {"name": "probabilities", "parameters": {"binary_data": False}}],
+        parameters={"binary_data_output": True},
+    )
+    request = parse_infer_request(body)
+    assert request.outputs_requested == (RequestedOutput("label"), RequestedOutput("probabilities", False))
+    assert request.wants_binary("label") and not request.wants_binary("probabilities")
+    assert request.wants_binary("unlisted")  # the request-level default
+    again = round_trip(request, binary=True)
+    assert again.outputs_requested == request.outputs_requested and again.binary_outputs
+
+
+@pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
+def test_responses_round_trip(binary: bool) -> None:
+    labels = np.array([[3, 10]], np.int64)
+    probabilities = np.full((1, 2, 11), 1 / 11, np.float32)
+    response = InferResponse(
+        "collage-2x2",
+        (InferTensor.of("label", labels), InferTensor.of("probabilities", probabilities)),
+        id="abc",
+        model_version="1",
+        parameters={"queue_ms": 0.5, "kind": "collage"},
+    )
+    request = InferRequest(None, (), binary_outputs=binary)
+    body, headers = render_infer_response(response, request)
+    assert (HEADER_LENGTH in headers) == binary
+    parsed = parse_infer_response(body, headers.get(HEADER_LENGTH))
+    assert (parsed.model_name, parsed.id, parsed.model_version) == ("collage-2x2", "abc", "1")
+    assert parsed.parameters == {"queue_ms": 0.5, "kind": "collage"}
+    np.testing.assert_array_equal(parsed.output("label").data, labels)
+    np.testing.assert_array_equal(parsed.output("probabilities").data, probabilities)
+    with pytest.raises(ProtocolError, match="no output 'nope'"):
+        parsed.output("nope")
+
+
+def test_json_response_content_type() -> None:
+    _, headers = render_infer_response(InferResponse("m", (InferTensor.of("y", np.zeros(1, np.float32)),)))
+    assert headers == {"Content-Type": "application/json"}
+
+
+# --- refusals ------------------------------------------------------------------------------------
+
+BAD_REQUESTS = {
+    "not json": (b"{nope", None, "malformed"),
+    "not an object": (b"[1, 2]", None, "must be an object"),
+    "bad utf-8": (b'{"inputs": "\xff"}', None, "malformed"),
+    "NaN literal": (
+        b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [NaN]}]}',
+        None,
+        "NaN",
+    ),
+    "unknown top field": (json_body(inputs=[tensor()], model="m"), None, "unknown field.*'model'"),
+    "no inputs": (json_body(outputs=[]), None, 'non-empty "inputs"'),
+    "empty inputs": (json_body(inputs=[]), None, 'non-empty "inputs"'),
+    "id not a string": (json_body(id=5, inputs=[tensor()]), None, '"id".*string'),
+    "parameters not object": (json_body(inputs=[tensor()], parameters=[1]), None, "parameters"),
+    "binary_data_output not bool": (
+        json_body(inputs=[tensor()], parameters={"binary_data_output": 1}),
+        None,
+        "binary_data_output",
+    ),
+    "tensor not object": (json_body(inputs=[5]), None, "tensor object"),
+    "unknown tensor field": (json_body(inputs=[tensor(content=1)]), None, "unknown field.*'content'"),
+    "missing name": (json_body(inputs=[{"datatype": "FP32", "shape": [1], "data": [1]}]), None, '"name"'),
+    "duplicate input": (json_body(inputs=[tensor(), tensor()]), None, "appears twice"),
+    "unknown datatype": (json_body(inputs=[tensor(datatype="FP8")]), None, "unknown datatype 'FP8'"),
+    "shape not a list": (json_body(inputs=[tensor(shape=None)]), None, '"shape"'),
+    "negative dim": (json_body(inputs=[tensor(shape=(-1,))]), None, '"shape"'),
+    "bool dim": (json_body(inputs=[{**tensor(), "shape": [True, 2]}]), None, '"shape"'),
+    "count mismatch": (json_body(inputs=[tensor(shape=(3,))]), None, "3 elements but data has 2"),
+    "no data": (json_body(inputs=[tensor(data=None)]), None, 'needs "data"'),
+    "ragged": (json_body(inputs=[tensor(shape=(3,), data=[[1, 2], [3]])]), None, "rectangular"),
+    "string in numbers": (json_body(inputs=[tensor(data=[1.0, "2"])]), None, "numbers"),
+    "float for int": (json_body(inputs=[tensor(datatype="INT32", data=[1.5, 2])]), None, "integers"),
+    "bool for int": (json_body(inputs=[tensor(datatype="INT32", data=[True, False])]), None, "integers"),
+    "int out of range": (json_body(inputs=[tensor(datatype="UINT8", data=[0, 256])]), None, r"\[0, 255\]"),
+    "huge int": (json_body(inputs=[tensor(datatype="INT64", data=[2**70, 1])]), None, "integers"),
+    "number for bool": (json_body(inputs=[tensor(datatype="BOOL", data=[1, 0])]), None, "true/false"),
+    "number for bytes": (json_body(inputs=[tensor(datatype="BYTES", data=[1, 2])]), None, "strings"),
+    "lone surrogate": (
+        b'{"inputs": [{"name": "s", "datatype": "BYTES", "shape": [1], "data": ["\\ud800"]}]}',
+        None,
+        "surrogate",
+    ),
+    "infinite float": (
+        b'{"inputs": [{"name": "x", "datatype": "FP64", "shape": [1], "data": [1e400]}]}',
+        None,
+        "NaN or inf",
+    ),
+    "fp16 overflow": (json_body(inputs=[tensor(datatype="FP16", data=[1.0, 1e6])]), None, "too large"),
+    "outputs not list": (json_body(inputs=[tensor()], outputs={"name": "y"}), None, '"outputs"'),
+    "output twice": (json_body(inputs=[tensor()], outputs=[{"name": "y"}, {"name": "y"}]), None, "twice"),
+    "output unknown field": (json_body(inputs=[tensor()], outputs=[{"name": "y", "x": 1}]), None, "'x'"),
+    "binary_data not bool": (
+        json_body(inputs=[tensor()], outputs=[{"name": "y", "parameters": {"binary_data": "yes"}}]),
+        None,
+        "binary_data",
+    ),
+    "header length not int": (json_body(inputs=[tensor()]), "ten", "must be an integer"),
+    "header length too big": (json_body(inputs=[tensor()]), "100000", "outside the body"),
+    "header length negative": (json_body(inputs=[tensor()]), "-1", "outside the body"),
+    "header length cuts JSON": (json_body(inputs=[tensor()]), "5", r"malformed \(is Inference-Header"),
+    "stray binary bytes": (json_body(inputs=[tensor()]) + b"xx", "JSONLEN", "belong to no tensor"),
+}
+
+
+def _with_binary(header: dict, tail: bytes) -> tuple[bytes, str]:
+    head = json.dumps(header).encode()
+    return head + tail, str(len(head))
+
+
+BAD_BINARY = {
+    "data and size": ({"inputs": [tensor(parameters={"binary_data_size": 8})]}, bytes(8), "both"),
+    "size not int": (
+        {"inputs": [tensor(data=None, parameters={"binary_data_size": "8"})]},
+        bytes(8),
+        "non-negative",
+    ),
+    "size past end": (
+        {"inputs": [tensor(data=None, parameters={"binary_data_size": 9})]},
+        bytes(8),
+        "runs past",
+    ),
+    "size vs dtype": (
+        {"inputs": [tensor(data=None, parameters={"binary_data_size": 4})]},
+        bytes(4),
+        "need 8 bytes",
+    ),
+    "binary NaN": (
+        {"inputs": [tensor(data=None, parameters={"binary_data_size": 8})]},
+        np.array([1, np.nan], "<f4").tobytes(),
+        "NaN",
+    ),
+    "bool byte 2": (
+        {"inputs": [tensor(datatype="BOOL", data=None, parameters={"binary_data_size": 2})]},
+        bytes([1, 2]),
+        "0 or 1",
+    ),
+    "bytes truncated": (
+        {"inputs": [tensor(datatype="BYTES", shape=(1,), data=None, parameters={"binary_data_size": 6})]},
+        b"\x05\x00\x00\x00ab",
+        "claims 5 bytes",
+    ),
+    "bytes leftover": (
+        {"inputs": [tensor(datatype="BYTES", shape=(1,), data=None, parameters={"binary_data_size": 7})]},
+        b"\x01\x00\x00\x00abc",
+        "left over",
+    ),
+    "bytes too few": (
+        {"inputs": [tensor(datatype="BYTES", shape=(3,), data=None, parameters={"binary_data_size": 4})]},
+        b"\x00\x00\x00\x00",
+        "at least 12",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", BAD_REQUESTS)
+def test_bad_requests_are_refused_with_a_reason(name: str) -> None:
+    body, header_length, message = BAD_REQUESTS[name]
+    if header_length == "JSONLEN":
+        header_length = str(len(body) - 2)
+    with pytest.raises(ProtocolError, match=message) as info:
+        parse_infer_request(body, header_length)
+    assert type(info.value) is ProtocolError
+
+
+@pytest.mark.parametrize("name", BAD_BINARY)
+def test_bad_binary_requests_are_refused_with_a_reason(name: str) -> None:
+    header, tail, message = BAD_BINARY[name]
+    body, header_length = _with_binary(header, tail)
+    with pytest.raises(ProtocolError, match=message):
+        parse_infer_request(body, header_length)
+
+
+def test_oversize_body_and_too_many_elements_are_413() -> None:
+    body = json_body(inputs=[tensor(shape=(2,))])
+    with pytest.raises(PayloadTooLargeError, match="limit of 10") as info:
+        parse_infer_request(body, limits=Limits(max_body_bytes=10))
+    assert info.value.status == 413
+    with pytest.raises(PayloadTooLargeError, match="more than the limit of 1"):
+        parse_infer_request(body, limits=Limits(max_elements=1))
+    huge = json_body(inputs=[tensor(shape=(10**12, 10**12), data=None, parameters={"binary_data_size": 0})])
+    with pytest.raises(PayloadTooLargeError):
+        parse_infer_request(huge, str(len(huge)))
+
+
+def test_bad_responses_are_refused() -> None:
+    with pytest.raises(ProtocolError, match="model_name"):
+        parse_infer_response(json_body(outputs=[]))
+    with pytest.raises(ProtocolError, match="outputs"):
+        parse_infer_response(json_body(model_name="m"))
+    with pytest.raises(ProtocolError, match="unknown field"):
+        parse_infer_response(json_body(model_name="m", outputs=[], inputs=[]))
+
+
+def test_rendering_refuses_what_json_cannot_hold() -> None:
+    with pytest.raises(ProtocolError, match="binary"):
+        render_infer_request(InferRequest(None, (InferTensor.of("s", np.array([b"\xff"], object)),)), False)
+    with pytest.raises(ProtocolError, match="JSON"):
+        render_infer_request(InferRequest(None, (InferTensor.of("x", np.array([np.nan])),)), False)
+    with pytest.raises(ProtocolError, match="no V2 datatype"):
+        InferTensor.of("c", np.zeros(2, np.complex64))
+
+
+# --- fuzzing: whatever arrives, the parsers raise ProtocolError or succeed ------------------------
+
+FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False)
+    | st.text(max_size=5)
+    | st.sampled_from(["\ud800", "a\udfff"]),  # lone surrogates: valid JSON, invalid Unicode
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=20,
+)
+shapes = st.lists(st.integers(-1, 4) | st.sampled_from([0, 10**9, True]), max_size=4)
+tensors = st.fixed_dictionaries(
+    {"name": st.sampled_from(["x", "y", "", 3]), "datatype": st.sampled_from([*DATATYPES, "F", None])},
+    optional={
+        "shape": shapes,
+        "data": json_values | st.lists(st.integers(-300, 300) | st.floats(allow_nan=False), max_size=20),
+        "parameters": st.fixed_dictionaries({}, optional={"binary_data_size": st.integers(-2, 40)}),
+    },
+)
+documents = st.fixed_dictionaries(
+    {},
+    optional={
+        "inputs": st.lists(tensors, max_size=3) | json_values,
+        "outputs": st.lists(st.fixed_dictionaries({"name": st.text(max_size=3)}), max_size=2) | json_values,
+        "parameters": json_values,
+        "id": json_values,
+        "extra": json_values,
+    },
+)
+
+
+def _parses_or_protocol_error(body: bytes, header_length: str | None) -> None:
+    for parse in (parse_infer_request, parse_infer_response):
+        with contextlib.suppress(ProtocolError):  # anything else fails the test
+            parse(body, header_length, Limits(max_body_bytes=10_000, max_elements=10_000))
+
+
+@FUZZ
+@given(
+    body=st.binary(max_size=300),
+    header_length=st.none() | st.integers(-5, 310).map(str) | st.text(max_size=4),
+)
+def test_fuzz_arbitrary_bytes(body: bytes, header_length: str | None) -> None:
+    _parses_or_protocol_error(body, header_length)
+
+
+@FUZZ
+@given(doc=documents, tail=st.binary(max_size=48), binary=st.booleans())
+def test_fuzz_structured_documents(doc: dict, tail: bytes, binary: bool) -> None:
+    head = json.dumps(doc).encode()
+    _parses_or_protocol_error(head + tail if binary else head, str(len(head)) if binary else None)
+
+
+@FUZZ
+@given(doc=json_values)
+def test_fuzz_arbitrary_json(doc: object) -> None:
+    _parses_or_protocol_error(json.dumps(doc).encode(), None)
+
+
+@FUZZ
+@given(
+    array=hnp.arrays(
+        st.sampled_from([DATATYPES[name] for name in NUMERIC]),
+        hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=4),
+        elements={"allow_nan": False, "allow_infinity": False},
+    ),
+    binary=st.booleans(),
+)
+def test_fuzz_round_trip_preserves_every_value(array: np.ndarray, binary: bool) -> None:
+    parsed = round_trip(InferRequest(None, (InferTensor.of("x", array),)), binary)
+    assert parsed.inputs[0].shape == array.shape
+    np.testing.assert_array_equal(parsed.inputs[0].data, array)
