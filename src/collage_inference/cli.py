@@ -4,7 +4,10 @@
     collage eval    accuracy, FLOPs and latency of models; the shipped ones by default
     collage export  export a checkpoint to ONNX with a parity check
     collage info    what a checkpoint or ONNX file holds
-    collage worker  serve one model over the Open Inference Protocol (KServe V2)
+    collage worker    serve one model over the Open Inference Protocol (KServe V2)
+    collage frontend  the collage front end over running workers
+    collage serve     workers and front end on this machine (or a config file's workers)
+    collage loadgen   open-loop load against any V2 endpoint
     collage demo    the main job on the embedded defaults
 
 Errors we raise on purpose print one line and exit 2; anything else is a bug and shows a trace.
@@ -13,6 +16,7 @@ Errors we raise on purpose print one line and exit 2; anything else is a bug and
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -22,6 +26,13 @@ from pathlib import Path
 from collage_inference import __version__
 from collage_inference.errors import CollageError, ConfigError
 
+# Subcommands that are whole programs with their own flags; only their module is imported.
+SERVICE_COMMANDS = {
+    "worker": ("collage_inference.serving.worker", "serve one model over KServe V2"),
+    "frontend": ("collage_inference.serving.api", "run the collage front end over running workers"),
+    "serve": ("collage_inference.serving.cluster", "start workers and front end on this machine"),
+    "loadgen": ("collage_inference.bench.loadgen", "open-loop load against a V2 endpoint"),
+}
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_MODELS_DIR = Path(os.environ.get("COLLAGE_MODELS_DIR", REPO_ROOT / "models" / "fashion-mnist"))
 
@@ -245,19 +256,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", type=Path)
     p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser(
-        "worker", help="serve one model over KServe V2 (see `collage worker --help`)", add_help=False
-    )
-    p.set_defaults(func=None)
+    for name, (_, helptext) in SERVICE_COMMANDS.items():
+        sub.add_parser(name, help=f"{helptext} (see `collage {name} --help`)", add_help=False)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["worker"]:  # the worker owns its flags
-        from collage_inference.serving.worker import main as worker_main
-
-        return worker_main(argv[1:])
+    if argv[:1] and argv[0] in SERVICE_COMMANDS:  # these own their flags
+        module = importlib.import_module(SERVICE_COMMANDS[argv[0]][0])
+        return module.main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -1,0 +1,387 @@
+"""The front end over HTTP: KServe V2 for tools, ``/predict`` for curl, ``/metrics`` for Prometheus.
+
+    python -m collage_inference.serving.api --scnn http://127.0.0.1:8001#scnn \\
+        --collage http://127.0.0.1:8010#collage-3x3 --mode collage --grid 3 --port 8000
+
+Clients send one image per request: a V2 infer call on the classifier model with a UINT8
+tensor (H, W) or (H, W, C), or BYTES holding a PNG/JPEG (several images as a batch are split
+into one request each), or ``POST /predict`` with the image file as the body (or as a
+multipart field). Answers carry the label, class name, confidence, the ``source`` that
+answered (primary, collage, replica) and timings. Worker metadata tells the front end the
+class names and each collage model's grid and tile size, so it can front any V2 server that
+publishes them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import logging
+import sys
+import warnings
+from typing import Any
+
+import aiohttp
+import numpy as np
+from aiohttp import web
+from PIL import Image
+
+from collage_inference import __version__
+from collage_inference.errors import (
+    CollageError,
+    ConfigError,
+    ModelNotFoundError,
+    PayloadTooLargeError,
+    ProtocolError,
+    ServingError,
+)
+from collage_inference.serving.dispatch import HEADER_LENGTH, WorkerClient, WorkerPool
+from collage_inference.serving.frontend import FrontEnd, FrontEndConfig
+from collage_inference.serving.http import error_middleware, serve_app
+from collage_inference.serving.modes import MODES, get_mode
+from collage_inference.serving.protocol import (
+    InferResponse,
+    InferTensor,
+    Limits,
+    parse_infer_request,
+    render_infer_response,
+)
+from collage_inference.serving.types import Answer, DecoderPolicy
+
+MAX_IMAGE_SIDE = 4096  # decoded images beyond this are refused: no decompression bombs
+MAX_IMAGES_PER_CALL = 64
+FRONTEND = web.AppKey("frontend", FrontEnd)
+MODEL_NAME = web.AppKey("model_name", str)
+LIMITS = web.AppKey("limits", Limits)
+
+
+# --- payloads --------------------------------------------------------------------------------
+
+
+def parse_image_bytes(data: bytes) -> np.ndarray:
+    """A PNG/JPEG file to uint8 (H, W, C), refusing huge or broken images with a clear 4xx."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as im:
+                if max(im.size) > MAX_IMAGE_SIDE:
+                    width, height = im.size
+                    raise PayloadTooLargeError(
+                        f"image of {width}x{height} pixels exceeds {MAX_IMAGE_SIDE} per side; resize it"
+                    )
+                im.load()
+                array = np.asarray(im.convert("L" if im.mode in ("L", "1", "I;16", "I") else "RGB"))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise PayloadTooLargeError(f"image refused as a decompression bomb: {exc}") from exc
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise ProtocolError(f"the image does not decode as PNG or JPEG ({exc})") from exc
+    return array[:, :, None] if array.ndim == 2 else array
+
+
+def images_from_tensor(tensor: InferTensor) -> list[np.ndarray]:
+    """One uint8 (H, W, C) image per request from a V2 input tensor."""
+    data = tensor.data
+    if tensor.datatype == "BYTES":
+        return [parse_image_bytes(bytes(item)) for item in data.reshape(-1)]
+    if tensor.datatype != "UINT8":
+        raise ProtocolError(
+            f"input {tensor.name!r} is {tensor.datatype}; send UINT8 pixels (H, W) or (H, W, C), "
+            "or BYTES holding a PNG/JPEG file"
+        )
+    if data.ndim == 2:
+        return [data[:, :, None]]
+    if data.ndim == 3 and data.shape[2] in (1, 3):
+        return [data]
+    if data.ndim == 4 and data.shape[3] in (1, 3):
+        return list(data)
+    raise ProtocolError(
+        f"input {tensor.name!r} has shape {list(data.shape)}; send (H, W), (H, W, C) or (N, H, W, C) "
+        "with C = 1 or 3"
+    )
+
+
+def _check_side(image: np.ndarray) -> np.ndarray:
+    if image.shape[0] < 1 or image.shape[1] < 1 or max(image.shape[:2]) > MAX_IMAGE_SIDE:
+        raise ProtocolError(f"image sides must lie in 1..{MAX_IMAGE_SIDE}, got {image.shape[:2]}")
+    return np.ascontiguousarray(image)
+
+
+def answer_json(answer: Answer) -> dict[str, Any]:
+    return {
+        "label": answer.label,
+        "class_name": answer.class_name,
+        "confidence": round(answer.confidence, 6),
+        "source": str(answer.source),
+        "latency_ms": round(answer.latency * 1e3, 3),
+        "worker": answer.worker_id,
+        "timings_ms": {k: round(v * 1e3, 3) for k, v in answer.timings.items()},
+    }
+
+
+# --- handlers --------------------------------------------------------------------------------
+
+
+async def _classify(request: web.Request, images: list[np.ndarray]) -> list[Answer]:
+    frontend = request.app[FRONTEND]
+    if not images or len(images) > MAX_IMAGES_PER_CALL:
+        raise ProtocolError(f"send between 1 and {MAX_IMAGES_PER_CALL} images per call, got {len(images)}")
+    checked = [_check_side(image) for image in images]
+    return list(await asyncio.gather(*(frontend.classify(image) for image in checked)))
+
+
+def _check_model(request: web.Request) -> None:
+    name = request.match_info["name"]
+    if name != request.app[MODEL_NAME]:
+        raise ModelNotFoundError(f"unknown model {name!r}; this front end serves {request.app[MODEL_NAME]!r}")
+
+
+async def _read_body(request: web.Request) -> bytes:
+    limit = request.app[LIMITS].max_body_bytes
+    if request.content_length is not None and request.content_length > limit:
+        raise PayloadTooLargeError(f"the body of {request.content_length} bytes exceeds {limit} bytes")
+    try:
+        return await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise PayloadTooLargeError(f"the body exceeds the limit of {limit} bytes") from None
+
+
+async def infer(request: web.Request) -> web.Response:
+    _check_model(request)
+    body = await _read_body(request)
+    parsed = parse_infer_request(body, request.headers.get(HEADER_LENGTH), request.app[LIMITS])
+    if len(parsed.inputs) != 1:
+        raise ProtocolError(f"send exactly one input tensor (the image), got {len(parsed.inputs)}")
+    answers = await _classify(request, images_from_tensor(parsed.inputs[0]))
+    outputs = (
+        InferTensor.of("label", np.array([a.label for a in answers], np.int64)),
+        InferTensor.of("class_name", np.array([a.class_name for a in answers], object)),
+        InferTensor.of("confidence", np.array([a.confidence for a in answers], np.float32)),
+        InferTensor.of("source", np.array([str(a.source) for a in answers], object)),
+    )
+    wanted = {r.name for r in parsed.outputs_requested}
+    if wanted - {t.name for t in outputs}:
+        raise ProtocolError(f"unknown outputs {sorted(wanted)}; have label, class_name, confidence, source")
+    outputs = tuple(t for t in outputs if not wanted or t.name in wanted)
+    parameters = {"latency_ms": [round(a.latency * 1e3, 3) for a in answers]}
+    response = InferResponse(request.app[MODEL_NAME], outputs, parsed.id, "1", parameters)
+    payload, headers = render_infer_response(response, parsed)
+    return web.Response(body=payload, headers=headers)
+
+
+async def predict(request: web.Request) -> web.Response:
+    if request.content_type.startswith("multipart/"):
+        reader = await request.multipart()
+        part = await reader.next()
+        if part is None:
+            raise ProtocolError("the multipart body holds no file; send -F file=@image.png")
+        data = await part.read(decode=False)
+    else:
+        data = await _read_body(request)
+    if not data:
+        raise ProtocolError("empty body; send the image file, e.g. curl --data-binary @image.png")
+    (answer,) = await _classify(request, [parse_image_bytes(bytes(data))])
+    return web.json_response(answer_json(answer))
+
+
+async def live(request: web.Request) -> web.Response:
+    return web.json_response({"live": True})
+
+
+async def ready(request: web.Request) -> web.Response:
+    ok = request.app[FRONTEND].ready
+    return web.json_response({"ready": ok}, status=200 if ok else 503)
+
+
+async def server_metadata(request: web.Request) -> web.Response:
+    return web.json_response(
+        {"name": "collage-inference", "version": __version__, "extensions": ["binary_tensor_data"]}
+    )
+
+
+async def model_metadata(request: web.Request) -> web.Response:
+    _check_model(request)
+    frontend = request.app[FRONTEND]
+    return web.json_response(
+        {
+            "name": request.app[MODEL_NAME],
+            "versions": ["1"],
+            "platform": "collage-inference",
+            "inputs": [{"name": "image", "datatype": "UINT8", "shape": [-1, -1, -1]}],
+            "outputs": [
+                {"name": "label", "datatype": "INT64", "shape": [-1]},
+                {"name": "class_name", "datatype": "BYTES", "shape": [-1]},
+                {"name": "confidence", "datatype": "FP32", "shape": [-1]},
+                {"name": "source", "datatype": "BYTES", "shape": [-1]},
+            ],
+            "parameters": {
+                "mode": frontend.mode.name,
+                "grid": frontend.config.grid,
+                "labels": list(frontend.class_names),
+                "scnn_workers": len(frontend.scnn),
+                "collage_workers": sum(len(p) for p in frontend.collage.values()),
+            },
+        }
+    )
+
+
+async def model_ready(request: web.Request) -> web.Response:
+    _check_model(request)
+    ok = request.app[FRONTEND].ready
+    return web.json_response({"name": request.app[MODEL_NAME], "ready": ok}, status=200 if ok else 503)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    frontend = request.app[FRONTEND]
+    gauges = [
+        ("collage_requests_in_flight", "Requests admitted and not yet answered", "", frontend.in_flight),
+        ("collage_decoder_late_replies", "Replies dropped because their request was answered",
+         "", sum(frontend.decoder.stats.late.values())),
+    ]  # fmt: skip
+    for pool in (frontend.scnn, *frontend.collage.values()):
+        for w in pool.workers:
+            labels = f'worker="{w.id}",url="{w.url}"'
+            gauges.append(("collage_worker_up", "1 when the worker is taking requests", labels, int(w.up)))
+            gauges.append(
+                ("collage_worker_outstanding", "Calls in flight to the worker", labels, w.outstanding)
+            )
+    text = frontend.metrics.render(gauges)
+    return web.Response(text=text, content_type="text/plain", charset="utf-8")
+
+
+@web.middleware
+async def count_bad_requests(request: web.Request, handler) -> web.StreamResponse:
+    response = await handler(request)
+    if 400 <= response.status < 500 and response.status != 429:
+        request.app[FRONTEND].metrics.bad_requests += 1
+    return response
+
+
+def build_app(
+    frontend: FrontEnd, model_name: str = "classifier", limits: Limits | None = None
+) -> web.Application:
+    """The front end's aiohttp application; its lifecycle starts and drains the front end."""
+    limits = limits or Limits(max_body_bytes=16 * 2**20)
+    app = web.Application(
+        middlewares=[count_bad_requests, error_middleware], client_max_size=limits.max_body_bytes
+    )
+    app[FRONTEND], app[MODEL_NAME], app[LIMITS] = frontend, model_name, limits
+    app.router.add_get("/v2", server_metadata)
+    app.router.add_get("/v2/health/live", live)
+    app.router.add_get("/v2/health/ready", ready)
+    for prefix in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
+        app.router.add_get(prefix, model_metadata)
+        app.router.add_get(prefix + "/ready", model_ready)
+        app.router.add_post(prefix + "/infer", infer)
+    app.router.add_post("/predict", predict)
+    app.router.add_get("/metrics", metrics)
+
+    async def lifecycle(app: web.Application):
+        await frontend.start()
+        yield
+        await frontend.drain(timeout=5.0)
+        await frontend.stop()
+
+    app.cleanup_ctx.append(lifecycle)
+    return app
+
+
+# --- building a front end from worker URLs -------------------------------------------------------
+
+
+def parse_worker_arg(value: str) -> tuple[str, str]:
+    """``URL#MODEL`` -> (url, model)."""
+    url, sep, model = value.partition("#")
+    if not sep or not url.startswith(("http://", "https://")) or not model:
+        raise ConfigError(f"worker {value!r} must look like http://HOST:PORT#MODEL_NAME")
+    return url, model
+
+
+async def connect(
+    config: FrontEndConfig,
+    scnn: list[tuple[str, str]],
+    collage: list[tuple[str, str]],
+    session: aiohttp.ClientSession,
+) -> FrontEnd:
+    """Describe every worker (V2 model metadata) and build the front end over them."""
+    if not scnn:
+        raise ConfigError("give at least one s-CNN worker (--scnn URL#MODEL)")
+    scnn_clients = [WorkerClient(f"scnn-{i}", u, m, session) for i, (u, m) in enumerate(scnn)]
+    collage_clients = [WorkerClient(f"collage-{i}", u, m, session) for i, (u, m) in enumerate(collage)]
+    infos = await asyncio.gather(*(w.describe() for w in scnn_clients + collage_clients))
+    class_names = infos[0].labels
+    pools: dict[int, list[WorkerClient]] = {}
+    tiles: dict[int, int] = {}
+    for client, info in zip(collage_clients, infos[len(scnn_clients) :], strict=True):
+        if info.kind != "collage" or info.labels[: len(class_names)] != class_names:
+            raise ConfigError(
+                f"worker {client.url} serves {info.kind} {info.model}, not a matching collage model"
+            )
+        pools.setdefault(info.grid, []).append(client)
+        tiles[info.grid] = info.image_size
+    for client, info in zip(scnn_clients, infos[: len(scnn_clients)], strict=True):
+        if info.kind != "scnn" or info.labels != class_names:
+            raise ConfigError(f"worker {client.url} serves {info.kind} {info.model}, not a matching s-CNN")
+    channels = infos[0].channels
+    return FrontEnd(
+        config,
+        WorkerPool(scnn_clients),
+        {g: WorkerPool(p) for g, p in pools.items()},
+        class_names,
+        tiles,
+        channels,
+    )
+
+
+async def serve(args: argparse.Namespace) -> None:
+    config = FrontEndConfig(
+        mode=get_mode(args.mode),
+        grid=None if args.grid == "auto" else int(args.grid),
+        group_timeout=args.group_timeout,
+        policy=DecoderPolicy(args.policy),
+        request_timeout=args.request_timeout,
+        replicate_timeout=args.replicate_timeout,
+        max_pending=args.max_pending,
+    )
+    connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, force_close=False)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        scnn = [parse_worker_arg(v) for v in args.scnn]
+        collage = [parse_worker_arg(v) for v in args.collage] if config.mode.collage else []
+        frontend = await connect(config, scnn, collage, session)
+        await serve_app(build_app(frontend, args.model_name), args.host, args.port)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="collage frontend", description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--scnn", action="append", default=[], metavar="URL#MODEL", help="an s-CNN worker (repeat)"
+    )
+    p.add_argument(
+        "--collage", action="append", default=[], metavar="URL#MODEL", help="a collage worker (repeat)"
+    )
+    p.add_argument("--mode", default="collage", choices=tuple(MODES), help="redundancy strategy")
+    p.add_argument("--grid", default="3", help="collage side S, or 'auto' to pick S from the arrival rate")
+    p.add_argument("--group-timeout", type=float, help="group deadline in seconds (default: adaptive)")
+    p.add_argument("--policy", default="patient", choices=[d.value for d in DecoderPolicy])
+    p.add_argument("--request-timeout", type=float, default=5.0, help="end-to-end deadline (504 past it)")
+    p.add_argument("--replicate-timeout", type=float, default=0.1, help="re-issue timeout of mode replicate")
+    p.add_argument("--max-pending", type=int, default=4096, help="requests in flight before 429")
+    p.add_argument("--model-name", default="classifier", help="the model name clients use in V2 URLs")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed when ready)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s frontend %(levelname)s %(message)s")
+    try:
+        asyncio.run(serve(args))
+    except (CollageError, ServingError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,180 @@
+"""Dispatch: the front end's view of its workers, and the only place that talks to them.
+
+A :class:`WorkerClient` speaks the Open Inference Protocol (KServe V2, binary tensors) to one
+model server; a :class:`WorkerPool` picks among several: least outstanding requests first,
+then the lowest recent latency. A worker that fails (connection refused, timeout, garbage) is
+marked down and probed in the background until it is ready again, so ``/v2/health/ready`` and
+the pick both tell the truth. Every transport failure becomes a :class:`WorkerError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import numpy as np
+
+from collage_inference.errors import ProtocolError, UnavailableError, WorkerError
+from collage_inference.serving.protocol import (
+    InferRequest,
+    InferTensor,
+    RequestedOutput,
+    parse_infer_response,
+    render_infer_request,
+)
+
+HEADER_LENGTH = "Inference-Header-Content-Length"
+_WANT = (RequestedOutput("probabilities", binary=True),)
+_WORKER_TIMINGS = ("queue_ms", "compute_ms", "injected_ms")
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    """What a worker's V2 model metadata says about the model it serves."""
+
+    model: str
+    kind: str  # "scnn" or "collage"
+    grid: int
+    labels: tuple[str, ...]
+    image_size: int  # s-CNN input side, or collage tile side
+    channels: int
+
+
+@dataclass(frozen=True, eq=False)
+class Inference:
+    """probabilities: (N, classes) or (N, S*S, classes + 1); timings in seconds."""
+
+    probabilities: np.ndarray
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class WorkerClient:
+    """One V2 model server. Not thread-safe: lives on the front end's event loop."""
+
+    def __init__(self, worker_id: str, url: str, model: str, session: aiohttp.ClientSession) -> None:
+        self.id, self.url, self.model = worker_id, url.rstrip("/"), model
+        self._session = session
+        self._infer_url = f"{self.url}/v2/models/{model}/infer"
+        self.outstanding = 0
+        self.up = True
+        self.failures = 0
+        self.latency = 0.0  # EWMA of round trips, seconds
+        self.info: WorkerInfo | None = None
+
+    async def infer(self, images: np.ndarray, request_id: str, timeout: float) -> Inference:
+        """Send uint8 images (N, H, W, C) as the ``image`` input; their class probabilities."""
+        body, headers = render_infer_request(
+            InferRequest(request_id, (InferTensor.of("image", images),), _WANT), binary_inputs=True
+        )
+        self.outstanding += 1
+        start = time.perf_counter()
+        try:
+            async with self._session.post(
+                self._infer_url, data=body, headers=headers, timeout=aiohttp.ClientTimeout(total=timeout)
+            ) as resp:
+                raw = await resp.read()
+                if resp.status != 200:
+                    # The worker is alive and said why; only transport failures mark it down.
+                    raise WorkerError(f"worker {self.id} answered HTTP {resp.status}: {raw[:300]!r}")
+                response = parse_infer_response(raw, resp.headers.get(HEADER_LENGTH))
+            probabilities = response.output("probabilities").data
+        except (TimeoutError, aiohttp.ClientError, ProtocolError, OSError) as exc:
+            self.mark_down()
+            raise WorkerError(f"worker {self.id} at {self.url} failed: {exc!r}") from exc
+        finally:
+            self.outstanding -= 1
+        elapsed = time.perf_counter() - start
+        self.latency = elapsed if self.latency == 0 else 0.8 * self.latency + 0.2 * elapsed
+        self.failures = 0
+        params = response.parameters
+        timings = {
+            k[:-3]: float(params[k]) / 1e3 for k in ("queue_ms", "compute_ms", "injected_ms") if k in params
+        }
+        timings["round_trip"] = elapsed
+        return Inference(probabilities, timings)
+
+    def mark_down(self) -> None:
+        self.up = False
+        self.failures += 1
+
+    async def ready(self, timeout: float = 1.0) -> bool:
+        """Whether the worker answers its model's readiness check now."""
+        try:
+            async with self._session.get(
+                f"{self.url}/v2/models/{self.model}/ready", timeout=aiohttp.ClientTimeout(total=timeout)
+            ) as resp:
+                await resp.read()
+                return resp.status == 200
+        except (TimeoutError, aiohttp.ClientError, OSError):
+            return False
+
+    async def describe(self, timeout: float = 5.0) -> WorkerInfo:
+        """Read the model's metadata: kind, grid, labels, input geometry."""
+        try:
+            async with self._session.get(
+                f"{self.url}/v2/models/{self.model}", timeout=aiohttp.ClientTimeout(total=timeout)
+            ) as resp:
+                doc: dict[str, Any] = await resp.json()
+            params = doc["parameters"]
+            self.info = WorkerInfo(
+                self.model,
+                str(params["kind"]),
+                int(params["grid"]),
+                tuple(params["labels"]),
+                int(params["image_size"]),
+                int(params["in_channels"]),
+            )
+        except (TimeoutError, aiohttp.ClientError, OSError, KeyError, TypeError, ValueError) as exc:
+            raise WorkerError(
+                f"cannot read model metadata of {self.model!r} at {self.url}: {exc!r}; is it a "
+                "collage-inference worker (its metadata parameters need kind, grid, labels, "
+                "image_size, in_channels)?"
+            ) from exc
+        return self.info
+
+
+class WorkerPool:
+    """Workers serving the same model; picks one per call."""
+
+    def __init__(self, workers: Iterable[WorkerClient]) -> None:
+        self.workers = list(workers)
+
+    def __len__(self) -> int:
+        return len(self.workers)
+
+    @property
+    def ready(self) -> bool:
+        return any(w.up for w in self.workers)
+
+    def pick(self, exclude: str | None = None) -> WorkerClient:
+        """The up worker with the fewest outstanding calls (then the lowest recent latency).
+
+        Falls back to the excluded worker, then to down workers, rather than refusing: a
+        worker marked down may be back, and the call will tell.
+        """
+        candidates = [w for w in self.workers if w.up and w.id != exclude]
+        if not candidates:
+            candidates = [w for w in self.workers if w.up] or self.workers
+        if not candidates:
+            raise UnavailableError("no worker is configured for this model")
+        return min(candidates, key=lambda w: (w.outstanding, w.latency))
+
+    async def probe(self) -> None:
+        """Bring back down workers that answer their readiness check."""
+        down = [w for w in self.workers if not w.up]
+        results = await asyncio.gather(*(w.ready() for w in down))
+        for worker, ok in zip(down, results, strict=True):
+            if ok:
+                worker.up = True
+
+    async def run_probes(self, interval: float) -> None:
+        """Probe down workers every ``interval`` seconds until cancelled."""
+        while True:
+            await asyncio.sleep(interval)
+            with contextlib.suppress(Exception):  # a probe must never kill the loop
+                await self.probe()

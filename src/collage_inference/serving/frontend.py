@@ -1,0 +1,254 @@
+"""The front end's request path: named stages called in one visible order.
+
+    classify(image)
+      1. admit      Request with an end-to-end deadline; refuse with 429 past max_pending
+      2. dispatch   primary s-CNN call(s) to the least-loaded worker(s)
+      3. group      the grouper adds the request; a closed group is encoded into a collage
+      4. backup     the collage goes to a collage worker
+      5. decode     every reply, failure and timer tick goes through the decoder, whose
+                    actions (Answer, Reissue, Fail) are carried out in :meth:`_apply`
+      6. answer     the request's future resolves exactly once
+
+Grouper, encoder and decoder are pure; this module owns the event loop, the timer and the
+sockets (through :mod:`~collage_inference.serving.dispatch`). One timer handle is kept at the
+earliest of the grouper's and decoder's deadlines, so no task polls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from collage_inference.errors import ConfigError, OverloadedError, WorkerError
+from collage_inference.serving.clock import MonotonicClock
+from collage_inference.serving.decoder import Decoder
+from collage_inference.serving.dispatch import WorkerClient, WorkerPool
+from collage_inference.serving.encoder import CollageEncoder
+from collage_inference.serving.grouper import Grouper, GroupingPolicy
+from collage_inference.serving.latency import LatencyWindow
+from collage_inference.serving.metrics import Metrics
+from collage_inference.serving.modes import Mode, decoder_config
+from collage_inference.serving.types import (
+    Action,
+    Answer,
+    DecoderPolicy,
+    Fail,
+    Group,
+    Reissue,
+    Reply,
+    Request,
+    Source,
+)
+
+
+@dataclass(frozen=True)
+class FrontEndConfig:
+    """Serving knobs. ``grid`` None lets the grouper pick S from the arrival rate among the
+    grids served; ``group_timeout`` None adapts the group deadline to load."""
+
+    mode: Mode
+    grid: int | None = 3
+    group_timeout: float | None = None
+    policy: DecoderPolicy = DecoderPolicy.PATIENT
+    request_timeout: float = 5.0  # end-to-end deadline; past it the client gets 504
+    replicate_timeout: float = 0.1  # the fixed re-issue timeout of mode ``replicate``
+    max_pending: int = 4096  # requests in flight before new ones get 429
+    probe_interval: float = 0.5  # seconds between readiness probes of down workers
+    max_group_timeout: float = 0.05
+
+
+@dataclass
+class _Flight:
+    request: Request
+    future: asyncio.Future[Answer]
+    workers: list[str] = field(default_factory=list)
+
+
+class FrontEnd:
+    """Collage inference over a pool of s-CNN workers and collage workers (one pool per grid)."""
+
+    def __init__(
+        self,
+        config: FrontEndConfig,
+        scnn: WorkerPool,
+        collage: dict[int, WorkerPool],
+        class_names: tuple[str, ...],
+        tiles: dict[int, int],
+        channels: int,
+    ) -> None:
+        if config.mode.collage and not collage:
+            raise ConfigError("mode 'collage' needs at least one collage worker")
+        if config.mode.collage and config.grid is not None and config.grid not in collage:
+            raise ConfigError(f"no collage worker serves grid {config.grid}; have {sorted(collage)}")
+        self.config, self.mode = config, config.mode
+        self.scnn, self.collage = scnn, collage
+        self.class_names = class_names
+        self.clock = MonotonicClock()
+        self.primary_latencies = LatencyWindow(256)
+        grids = tuple(sorted(collage)) or (1,)
+        self.grouper = Grouper(
+            GroupingPolicy(
+                grids=grids,
+                grid=config.grid,
+                timeout=config.group_timeout,
+                max_timeout=config.max_group_timeout,
+            ),
+            self.primary_latencies,
+        )
+        self.encoder = CollageEncoder(tiles, channels) if tiles else None
+        self.decoder = Decoder(
+            decoder_config(
+                config.mode, class_names, config.policy, config.replicate_timeout, config.request_timeout
+            ),
+            self.primary_latencies,
+        )
+        self.metrics = Metrics()
+        self._flights: dict[str, _Flight] = {}
+        self._ids = itertools.count()
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = float("inf")
+        self._tasks: set[asyncio.Task] = set()
+        self._probes: list[asyncio.Task] = []
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        for pool in (self.scnn, *self.collage.values()):
+            self._probes.append(asyncio.create_task(pool.run_probes(self.config.probe_interval)))
+
+    async def drain(self, timeout: float) -> None:
+        """Close the open group and wait (up to ``timeout``) for requests in flight."""
+        self._close_groups(self.grouper.flush(self.clock.now()))
+        futures = [f.future for f in self._flights.values()]
+        if futures:
+            await asyncio.wait(futures, timeout=timeout)
+
+    async def stop(self) -> None:
+        for task in [*self._probes, *self._tasks]:
+            task.cancel()
+        for task in [*self._probes, *self._tasks]:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if self._timer:
+            self._timer.cancel()
+
+    @property
+    def ready(self) -> bool:
+        """Ready when some s-CNN worker is up (the collage path only adds redundancy)."""
+        return self.scnn.ready
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._flights)
+
+    # -- the request path ---------------------------------------------------------------------
+
+    async def classify(self, image: np.ndarray) -> Answer:
+        """Answer one uint8 (H, W, C) image; raises a ServingError for 429/503/504."""
+        if len(self._flights) >= self.config.max_pending:
+            self.metrics.shed += 1
+            raise OverloadedError(
+                f"{len(self._flights)} requests in flight (limit {self.config.max_pending}); retry later"
+            )
+        now = self.clock.now()
+        request = Request(f"r{next(self._ids)}", image, now, now + self.config.request_timeout)  # 1. admit
+        flight = _Flight(request, asyncio.get_running_loop().create_future())
+        self._flights[request.id] = flight
+        primary = self.scnn.pick()  # 2. dispatch
+        self._apply(self.decoder.admit(request, now, worker_id=primary.id, backup=self.mode.collage))
+        self._send_single(flight, primary, Source.PRIMARY)
+        for _ in range(self.mode.copies - 1):
+            self._send_single(flight, self.scnn.pick(exclude=primary.id), Source.PRIMARY)
+        if self.mode.collage:  # 3. group, 4. backup
+            self._close_groups(self.grouper.add(request, now))
+        self._schedule()
+        try:
+            return await flight.future  # 6. answer
+        finally:
+            self._flights.pop(request.id, None)
+
+    def _send_single(self, flight: _Flight, worker: WorkerClient, source: Source) -> None:
+        flight.workers.append(worker.id)
+        self._spawn(self._single(flight.request, worker, source))
+
+    async def _single(self, request: Request, worker: WorkerClient, source: Source) -> None:
+        try:
+            result = await worker.infer(request.image[None], request.id, self._remaining(request))
+        except WorkerError:
+            self.metrics.worker_errors += 1
+            self._apply(self.decoder.worker_failed(request.id, self.clock.now()))
+            return
+        reply = Reply.from_probabilities(
+            source, worker.id, result.probabilities[0], request_id=request.id, timings=result.timings
+        )
+        self._apply(self.decoder.primary_reply(request.id, reply, self.clock.now()))
+
+    def _close_groups(self, groups: list[Group]) -> None:
+        for group in groups:
+            self.metrics.observe_group(group)
+            if self.encoder is None:
+                continue
+            collage = self.encoder.encode(group)
+            worker = self.collage[group.grid].pick()
+            self._apply(self.decoder.add_group(group, self.clock.now()))
+            self._spawn(self._backup(group, collage.pixels, worker))
+
+    async def _backup(self, group: Group, pixels: np.ndarray, worker: WorkerClient) -> None:
+        deadline = max(r.deadline for r in group.requests) - self.clock.now()
+        try:
+            result = await worker.infer(pixels[None], f"g{group.id}", max(deadline, 0.001))
+        except WorkerError:
+            self.metrics.worker_errors += 1
+            self._apply(self.decoder.worker_failed(group, self.clock.now()))
+            return
+        reply = Reply.from_probabilities(
+            Source.COLLAGE, worker.id, result.probabilities[0], group_id=group.id, timings=result.timings
+        )
+        self._apply(self.decoder.collage_reply(group, reply, self.clock.now()))
+
+    # -- decoder actions and the timer --------------------------------------------------------
+
+    def _apply(self, actions: list[Action]) -> None:
+        for action in actions:
+            flight = self._flights.get(action.request_id)
+            if flight is None or flight.future.done():
+                continue
+            if isinstance(action, Answer):
+                self.metrics.observe_answer(action)
+                flight.future.set_result(action)
+            elif isinstance(action, Fail):
+                self.metrics.observe_failure(action.status)
+                flight.future.set_exception(action.error())
+            elif isinstance(action, Reissue):
+                self.metrics.reissues += 1
+                self._send_single(flight, self.scnn.pick(exclude=action.exclude_worker), Source.REPLICA)
+        self._schedule()
+
+    def _schedule(self) -> None:
+        """Keep one timer at the earliest grouper or decoder deadline."""
+        deadlines = (self.grouper.next_deadline(), self.decoder.next_deadline())
+        due = min((d for d in deadlines if d is not None), default=float("inf"))
+        if due >= self._timer_at:
+            return
+        if self._timer:
+            self._timer.cancel()
+        self._timer_at = due
+        self._timer = asyncio.get_running_loop().call_at(due, self._on_timer) if due < float("inf") else None
+
+    def _on_timer(self) -> None:
+        self._timer, self._timer_at = None, float("inf")
+        now = self.clock.now()
+        self._close_groups(self.grouper.poll(now))
+        self._apply(self.decoder.tick(now))
+
+    def _remaining(self, request: Request) -> float:
+        return max(request.deadline - self.clock.now(), 0.001)
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)

@@ -1,0 +1,149 @@
+"""Prometheus metrics of the front end, rendered by hand in the text exposition format.
+
+Request counters and durations follow Triton's naming (``nv_inference_*``) so existing
+dashboards read them; collage-specific series use the ``collage_`` prefix: answers by source,
+straggler detections, group sizes, late replies dropped, load shed, worker health.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable
+
+from collage_inference.serving.types import Answer, Group
+
+DURATION_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+
+
+class Metrics:
+    """Counters kept by the front end; :meth:`render` writes the exposition text."""
+
+    def __init__(self, model: str = "classifier") -> None:
+        self.model = model
+        self.success = 0
+        self.failures: Counter[int] = Counter()
+        self.answers: Counter[str] = Counter()
+        self.duration_sum = 0.0
+        self.queue_sum = 0.0
+        self.compute_sum = 0.0
+        self.duration_buckets = [0] * len(DURATION_BUCKETS)
+        self.group_sizes: Counter[int] = Counter()
+        self.group_reasons: Counter[str] = Counter()
+        self.reissues = 0
+        self.worker_errors = 0
+        self.shed = 0
+        self.bad_requests = 0
+
+    def observe_answer(self, answer: Answer) -> None:
+        self.success += 1
+        self.answers[str(answer.source)] += 1
+        self.duration_sum += answer.latency
+        self.queue_sum += answer.timings.get("queue", 0.0)
+        self.compute_sum += answer.timings.get("compute", 0.0)
+        for i, bound in enumerate(DURATION_BUCKETS):
+            if answer.latency <= bound:
+                self.duration_buckets[i] += 1
+
+    def observe_failure(self, status: int) -> None:
+        self.failures[status] += 1
+
+    def observe_group(self, group: Group) -> None:
+        self.group_sizes[len(group.requests)] += 1
+        self.group_reasons[str(group.reason)] += 1
+
+    @property
+    def stragglers(self) -> int:
+        """Requests whose primary was too late: answered by another path or re-issued."""
+        return self.answers["collage"] + self.reissues
+
+    def render(self, extra: Iterable[tuple[str, str, str, float]] = ()) -> str:
+        """The exposition text; ``extra`` adds (name, help, labels, value) gauges."""
+        m = f'model="{self.model}",version="1"'
+        lines: list[str] = []
+
+        def series(name: str, kind: str, help_text: str, samples: Iterable[tuple[str, float]]) -> None:
+            lines.append(f"# HELP {name} {help_text}")
+            lines.append(f"# TYPE {name} {kind}")
+            lines.extend(f"{name}{{{labels}}} {value:g}" for labels, value in samples)
+
+        failed = sum(self.failures.values())
+        series(
+            "nv_inference_request_success", "counter", "Successful inference requests", [(m, self.success)]
+        )
+        series("nv_inference_request_failure", "counter", "Failed inference requests", [(m, failed)])
+        series("nv_inference_count", "counter", "Inferences performed", [(m, self.success)])
+        series(
+            "nv_inference_request_duration_us",
+            "counter",
+            "Cumulative end-to-end request duration",
+            [(m, round(self.duration_sum * 1e6))],
+        )
+        series(
+            "nv_inference_queue_duration_us",
+            "counter",
+            "Cumulative worker queue duration of answers",
+            [(m, round(self.queue_sum * 1e6))],
+        )
+        series(
+            "nv_inference_compute_infer_duration_us",
+            "counter",
+            "Cumulative worker compute of answers",
+            [(m, round(self.compute_sum * 1e6))],
+        )
+        buckets = [
+            (f'{m},le="{b:g}"', c) for b, c in zip(DURATION_BUCKETS, self.duration_buckets, strict=True)
+        ]
+        lines += [
+            "# HELP collage_request_duration_seconds End-to-end latency of answered requests",
+            "# TYPE collage_request_duration_seconds histogram",
+            *(f"collage_request_duration_seconds_bucket{{{labels}}} {v}" for labels, v in buckets),
+            f'collage_request_duration_seconds_bucket{{{m},le="+Inf"}} {self.success}',
+            f"collage_request_duration_seconds_sum{{{m}}} {self.duration_sum:g}",
+            f"collage_request_duration_seconds_count{{{m}}} {self.success}",
+        ]
+        series(
+            "collage_answers_total",
+            "counter",
+            "Answers by the path that gave them",
+            [(f'source="{s}"', self.answers[s]) for s in ("primary", "collage", "replica")],
+        )
+        series(
+            "collage_failures_total",
+            "counter",
+            "Requests failed, by HTTP status",
+            [(f'status="{s}"', n) for s, n in sorted(self.failures.items())],
+        )
+        series(
+            "collage_straggler_detections_total",
+            "counter",
+            "Requests whose primary was late: answered by the collage or re-issued",
+            [("", self.stragglers)],
+        )
+        series(
+            "collage_reissues_total",
+            "counter",
+            "s-CNN calls re-issued to another worker",
+            [("", self.reissues)],
+        )
+        series(
+            "collage_group_size_total",
+            "counter",
+            "Groups closed, by requests in the group",
+            [(f'size="{s}"', n) for s, n in sorted(self.group_sizes.items())],
+        )
+        series(
+            "collage_groups_closed_total",
+            "counter",
+            "Groups closed, by reason",
+            [(f'reason="{r}"', n) for r, n in sorted(self.group_reasons.items())],
+        )
+        series(
+            "collage_worker_errors_total", "counter", "Worker calls that failed", [("", self.worker_errors)]
+        )
+        series("collage_shed_total", "counter", "Requests refused with 429 (overload)", [("", self.shed)])
+        series(
+            "collage_bad_requests_total", "counter", "Requests refused with 4xx", [("", self.bad_requests)]
+        )
+        for name, help_text, labels, value in extra:
+            series(name, "gauge", help_text, [(labels, value)])
+        return "\n".join(lines) + "\n"

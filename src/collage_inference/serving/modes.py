@@ -1,0 +1,89 @@
+"""Redundancy modes: every strategy runs on the same workers and the same code path.
+
+Each mode is a row of settings read by the front end; nothing else branches on the mode, so a
+comparison between modes measures the strategy and not different code.
+
+| mode | s-CNN workers | backup | extra cost vs ``none`` |
+| --- | --- | --- | --- |
+| none | k | nothing | 0 |
+| equal | k + 1 | nothing, one more worker in the pool | 1/k |
+| replicate | k + 1 | re-issue to another worker after a fixed timeout | 1/k |
+| hedge | k + 1 | second copy once a request outlives the running p95 | 1/k |
+| replicate-all | 2k | every request to two workers at once | 1 |
+| collage | k | one collage worker per k requests | 1/k |
+
+Extra cost counts worker processes (the resource a cloud bill counts), with the collage
+worker priced as one s-CNN worker although its model costs at most one s-CNN pass per collage.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from collage_inference.errors import ConfigError
+from collage_inference.serving.decoder import DecoderConfig
+from collage_inference.serving.latency import AdaptiveTimeout
+from collage_inference.serving.types import DecoderPolicy
+
+
+@dataclass(frozen=True)
+class Mode:
+    """One redundancy strategy. ``reissue``: when a late request gets a second s-CNN call:
+    never, after ``replicate_timeout`` seconds (fixed), or past the running p95 (adaptive)."""
+
+    name: str
+    extra_workers: int  # s-CNN workers beyond k (``k`` itself for replicate-all)
+    collage: bool = False
+    copies: int = 1  # s-CNN calls sent at admission
+    reissue: str = "never"  # never | fixed | p95
+
+    def scnn_workers(self, k: int) -> int:
+        return k + (k if self.name == "replicate-all" else self.extra_workers)
+
+    def extra_cost(self, k: int, collage_workers: int = 1) -> float:
+        """Worker processes beyond the k of ``none``, as a share of k."""
+        extra = self.scnn_workers(k) - k + (collage_workers if self.collage else 0)
+        return extra / k
+
+
+MODES: dict[str, Mode] = {
+    m.name: m
+    for m in (
+        Mode("none", 0),
+        Mode("equal", 1),
+        Mode("replicate", 1, reissue="fixed"),
+        Mode("hedge", 1, reissue="p95"),
+        Mode("replicate-all", 0, copies=2),
+        Mode("collage", 0, collage=True),
+    )
+}
+
+
+def get_mode(name: str) -> Mode:
+    if name not in MODES:
+        raise ConfigError(f"unknown mode {name!r}; choose one of {', '.join(MODES)}")
+    return MODES[name]
+
+
+def decoder_config(
+    mode: Mode,
+    class_names: tuple[str, ...],
+    policy: DecoderPolicy = DecoderPolicy.PATIENT,
+    replicate_timeout: float = 0.1,
+    request_timeout: float = 5.0,
+) -> DecoderConfig:
+    """The decoder settings that make the shared decoder behave as ``mode``."""
+    base = DecoderConfig(class_names, policy=policy)
+    if mode.reissue == "fixed":
+        return replace(base, primary_timeout=_fixed(replicate_timeout), max_reissues=1)
+    if mode.reissue == "p95":
+        p95 = AdaptiveTimeout(quantile=0.95, factor=1.0, floor=0.001, ceiling=request_timeout, initial=0.1)
+        return replace(base, primary_timeout=p95, max_reissues=1)
+    if mode.collage:
+        return base  # patient or first, re-issue only when primary and collage are both late
+    # no redundancy: a failed worker's request is still retried once, but lateness alone is not
+    return replace(base, primary_timeout=_fixed(request_timeout), max_reissues=1)
+
+
+def _fixed(seconds: float) -> AdaptiveTimeout:
+    return AdaptiveTimeout(floor=seconds, ceiling=seconds, initial=seconds)

@@ -1,0 +1,60 @@
+import numpy as np
+import pytest
+
+from collage_inference.errors import ConfigError
+from collage_inference.serving.clock import FakeClock
+from collage_inference.serving.decoder import Decoder
+from collage_inference.serving.metrics import Metrics
+from collage_inference.serving.modes import MODES, decoder_config, get_mode
+from collage_inference.serving.types import Answer, Reissue, Reply, Request, Source
+
+CLASSES = tuple(str(i) for i in range(10))
+
+
+def test_worker_counts_and_costs():
+    k = 9
+    assert {n: m.scnn_workers(k) for n, m in MODES.items()} == {
+        "none": 9, "equal": 10, "replicate": 10, "hedge": 10, "replicate-all": 18, "collage": 9,
+    }  # fmt: skip
+    assert MODES["collage"].extra_cost(k) == pytest.approx(1 / 9)
+    assert MODES["replicate-all"].extra_cost(k) == 1.0
+    assert MODES["none"].extra_cost(k) == 0.0
+    with pytest.raises(ConfigError, match="unknown mode"):
+        get_mode("raid5")
+
+
+def _request(clock: FakeClock) -> Request:
+    return Request("r0", np.zeros((28, 28, 1), np.uint8), clock.now(), clock.now() + 5.0)
+
+
+def _reissue_after(mode: str, seconds: float) -> bool:
+    clock = FakeClock(100.0)
+    decoder = Decoder(decoder_config(get_mode(mode), CLASSES, replicate_timeout=0.05))
+    decoder.admit(_request(clock), clock.now(), worker_id="w0", backup=False)
+    clock.advance(seconds)
+    return any(isinstance(a, Reissue) for a in decoder.tick(clock.now()))
+
+
+def test_replicate_reissues_after_its_fixed_timeout_and_none_does_not():
+    assert not _reissue_after("replicate", 0.04)
+    assert _reissue_after("replicate", 0.06)
+    assert not _reissue_after("none", 1.0)
+    assert not _reissue_after("equal", 1.0)
+
+
+def test_metrics_render_triton_names_and_sources():
+    metrics = Metrics()
+    metrics.observe_answer(Answer("r0", 3, "3", 0.9, Source.COLLAGE, 0.004, "c0", {"compute": 0.001}))
+    metrics.observe_failure(504)
+    text = metrics.render([("collage_worker_up", "up", 'worker="w0"', 1)])
+    assert 'nv_inference_request_success{model="classifier",version="1"} 1' in text
+    assert 'nv_inference_request_failure{model="classifier",version="1"} 1' in text
+    assert 'collage_answers_total{source="collage"} 1' in text
+    assert 'collage_request_duration_seconds_bucket{model="classifier",version="1",le="0.005"} 1' in text
+    assert 'collage_worker_up{worker="w0"} 1' in text
+    assert metrics.stragglers == 1
+
+
+def test_reply_probabilities_pick_the_label():
+    reply = Reply.from_probabilities(Source.PRIMARY, "w", np.eye(10, dtype=np.float32)[4], request_id="r")
+    assert reply.predictions[0].label == 4
