@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from collage_inference.errors import CollageError, ServingError
+from collage_inference.errors import CollageError, ConfigError, ServingError
 
 log = logging.getLogger("collage_inference.serving")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -45,15 +45,18 @@ async def serve_app(app: web.Application, host: str, port: int, shutdown_timeout
     """Serve ``app`` until SIGTERM/SIGINT; port 0 picks a free port, printed in the ready line."""
     runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=shutdown_timeout)
     await runner.setup()
-    site = web.TCPSite(runner, host, port, reuse_address=True)
-    await site.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    bound = runner.addresses[0]
-    print(f"{READY_PREFIX}http://{bound[0]}:{bound[1]}", flush=True)
     try:
+        try:
+            await web.TCPSite(runner, host, port, reuse_address=True).start()
+        except OSError as exc:
+            raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}; pick another --port") from exc
+        bound_port = runner.addresses[0][1]
+        shown = f"[{host}]" if ":" in host else host
+        print(f"{READY_PREFIX}http://{shown}:{bound_port}", flush=True)
         await stop.wait()
     finally:
         await runner.cleanup()

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import signal
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -31,7 +30,6 @@ from typing import Any
 
 import numpy as np
 from aiohttp import web
-from aiohttp.typedefs import Handler
 
 from collage_inference import __version__
 from collage_inference.errors import (
@@ -41,8 +39,8 @@ from collage_inference.errors import (
     OverloadedError,
     PayloadTooLargeError,
     ProtocolError,
-    ServingError,
 )
+from collage_inference.serving.http import error_middleware, serve_app
 from collage_inference.serving.protocol import (
     HEADER_LENGTH,
     InferRequest,
@@ -243,25 +241,6 @@ def _image_batch(data: np.ndarray) -> np.ndarray:
 WORKER = web.AppKey("worker", Worker)
 
 
-@web.middleware
-async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """The one place errors become HTTP answers: ``{"error": message}`` with the mapped status."""
-    try:
-        return await handler(request)
-    except ServingError as exc:
-        return web.json_response({"error": str(exc)}, status=exc.status)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        return web.json_response({"error": exc.reason}, status=exc.status)
-    except CollageError as exc:
-        log.error("request failed: %s", exc)
-        return web.json_response({"error": str(exc)}, status=500)
-    except Exception:
-        log.exception("unexpected error serving %s %s", request.method, request.path)
-        return web.json_response({"error": "internal error; see the worker log"}, status=500)
-
-
 async def _infer(request: web.Request) -> web.Response:
     worker = request.app[WORKER]
     worker.check_model(request.match_info["name"], request.match_info.get("version"))
@@ -311,7 +290,7 @@ def build_app(config: WorkerConfig) -> web.Application:
     """The worker's aiohttp application; loading and warming the model happens here, so a
     served app is ready by construction."""
     worker = Worker(config)
-    app = web.Application(middlewares=[_errors], client_max_size=config.limits.max_body_bytes)
+    app = web.Application(middlewares=[error_middleware], client_max_size=config.limits.max_body_bytes)
     app[WORKER] = worker
     model = "/v2/models/{name}"
     versioned = "/v2/models/{name}/versions/{version}"
@@ -338,32 +317,15 @@ def build_app(config: WorkerConfig) -> web.Application:
 async def serve(config: WorkerConfig) -> None:
     """Serve until SIGTERM or SIGINT; print ``ready on http://HOST:PORT`` once listening."""
     app = build_app(config)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=5.0)
-    await runner.setup()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        site = web.TCPSite(runner, config.host, config.port)
-        try:
-            await site.start()
-        except OSError as exc:
-            raise ConfigError(f"cannot listen on {config.host}:{config.port}: {exc.strerror}") from exc
-        port = runner.addresses[0][1]
-        worker = app[WORKER]
-        log.info(
-            "serving %s (%s, grid %d) with %s",
-            worker.name,
-            worker.meta.kind,
-            worker.meta.grid,
-            worker.runner.backend,
-        )
-        host = f"[{config.host}]" if ":" in config.host else config.host
-        print(f"ready on http://{host}:{port}", flush=True)
-        await stop.wait()
-    finally:
-        await runner.cleanup()
+    worker = app[WORKER]
+    log.info(
+        "serving %s (%s, grid %d) with %s",
+        worker.name,
+        worker.meta.kind,
+        worker.meta.grid,
+        worker.runner.backend,
+    )
+    await serve_app(app, config.host, config.port)
 
 
 def run_worker(
