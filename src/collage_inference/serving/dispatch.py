@@ -14,7 +14,7 @@ import contextlib
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 import numpy as np
@@ -53,8 +53,22 @@ class Inference:
     timings: dict[str, float] = field(default_factory=dict)
 
 
+class Worker(Protocol):
+    """What the front end needs of a worker: the transport interface (tests use a fake)."""
+
+    id: str
+    url: str
+    up: bool
+    outstanding: int
+    latency: float
+
+    async def infer(self, images: np.ndarray, request_id: str, timeout: float) -> Inference: ...
+
+    async def ready(self, timeout: float = 1.0) -> bool: ...
+
+
 class WorkerClient:
-    """One V2 model server. Not thread-safe: lives on the front end's event loop."""
+    """One V2 model server over HTTP. Not thread-safe: lives on the front end's event loop."""
 
     def __init__(self, worker_id: str, url: str, model: str, session: aiohttp.ClientSession) -> None:
         self.id, self.url, self.model = worker_id, url.rstrip("/"), model
@@ -141,7 +155,7 @@ class WorkerClient:
 class WorkerPool:
     """Workers serving the same model; picks one per call."""
 
-    def __init__(self, workers: Iterable[WorkerClient]) -> None:
+    def __init__(self, workers: Iterable[Worker]) -> None:
         self.workers = list(workers)
 
     def __len__(self) -> int:
@@ -151,7 +165,7 @@ class WorkerPool:
     def ready(self) -> bool:
         return any(w.up for w in self.workers)
 
-    def pick(self, exclude: str | None = None) -> WorkerClient:
+    def pick(self, exclude: str | None = None) -> Worker:
         """The up worker with the fewest outstanding calls (then the lowest recent latency).
 
         Falls back to the excluded worker, then to down workers, rather than refusing: a

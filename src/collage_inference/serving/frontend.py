@@ -26,7 +26,7 @@ import numpy as np
 from collage_inference.errors import ConfigError, OverloadedError, WorkerError
 from collage_inference.serving.clock import MonotonicClock
 from collage_inference.serving.decoder import Decoder
-from collage_inference.serving.dispatch import WorkerClient, WorkerPool
+from collage_inference.serving.dispatch import Worker, WorkerPool
 from collage_inference.serving.encoder import CollageEncoder
 from collage_inference.serving.grouper import Grouper, GroupingPolicy
 from collage_inference.serving.latency import LatencyWindow
@@ -135,6 +135,7 @@ class FrontEnd:
                 await task
         if self._timer:
             self._timer.cancel()
+        self._timer, self._timer_at = None, float("inf")
 
     @property
     def ready(self) -> bool:
@@ -171,11 +172,11 @@ class FrontEnd:
         finally:
             self._flights.pop(request.id, None)
 
-    def _send_single(self, flight: _Flight, worker: WorkerClient, source: Source) -> None:
+    def _send_single(self, flight: _Flight, worker: Worker, source: Source) -> None:
         flight.workers.append(worker.id)
         self._spawn(self._single(flight.request, worker, source))
 
-    async def _single(self, request: Request, worker: WorkerClient, source: Source) -> None:
+    async def _single(self, request: Request, worker: Worker, source: Source) -> None:
         try:
             result = await worker.infer(request.image[None], request.id, self._remaining(request))
         except WorkerError:
@@ -197,7 +198,7 @@ class FrontEnd:
             self._apply(self.decoder.add_group(group, self.clock.now()))
             self._spawn(self._backup(group, collage.pixels, worker))
 
-    async def _backup(self, group: Group, pixels: np.ndarray, worker: WorkerClient) -> None:
+    async def _backup(self, group: Group, pixels: np.ndarray, worker: Worker) -> None:
         deadline = max(r.deadline for r in group.requests) - self.clock.now()
         try:
             result = await worker.infer(pixels[None], f"g{group.id}", max(deadline, 0.001))
@@ -236,6 +237,7 @@ class FrontEnd:
             return
         if self._timer:
             self._timer.cancel()
+        self._timer, self._timer_at = None, float("inf")
         self._timer_at = due
         self._timer = asyncio.get_running_loop().call_at(due, self._on_timer) if due < float("inf") else None
 

@@ -219,12 +219,12 @@ def train(cfg: TrainConfig) -> TrainResult:
         history.append(
             {"epoch": epoch + 1, "loss": running / task.steps, "val_accuracy": val_acc, "seconds": elapsed}
         )
-        if cfg.progress:
-            print(
-                f"{name} epoch {epoch + 1}/{cfg.epochs}: loss {running / task.steps:.4f} "
-                f"val {val_acc:.4f} ({elapsed:.0f}s)",
-                file=sys.stderr,
-            )
+        print(  # one line per epoch even without bars: a log of the run
+            f"{name} epoch {epoch + 1}/{cfg.epochs}: loss {running / task.steps:.4f} "
+            f"val {val_acc:.4f} ({elapsed:.0f}s)",
+            file=sys.stderr,
+            flush=True,
+        )
         training = {
             "optimizer": optimizer.state_dict(),
             "schedule": schedule.state_dict(),

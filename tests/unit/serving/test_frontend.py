@@ -1,0 +1,131 @@
+"""The front end's request path over fake workers: fast, no processes, real asyncio timing."""
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from collage_inference.errors import OverloadedError, WorkerError
+from collage_inference.serving.dispatch import Inference, WorkerPool
+from collage_inference.serving.frontend import FrontEnd, FrontEndConfig
+from collage_inference.serving.modes import get_mode
+from collage_inference.serving.types import DecoderPolicy, Source
+
+CLASSES = tuple(f"c{i}" for i in range(10))
+TILE = 4
+
+
+class FakeWorker:
+    """Answers like a worker: the label is the image's first pixel value (collages: per tile)."""
+
+    def __init__(self, worker_id: str, delay: float = 0.001, fail: bool = False, grid: int = 0) -> None:
+        self.id, self.url, self.delay, self.fail, self.grid = (
+            worker_id,
+            f"fake://{worker_id}",
+            delay,
+            fail,
+            grid,
+        )
+        self.outstanding, self.up, self.latency, self.calls = 0, True, 0.0, 0
+
+    async def infer(self, images: np.ndarray, request_id: str, timeout: float) -> Inference:
+        self.calls += 1
+        self.outstanding += 1
+        try:
+            await asyncio.sleep(min(self.delay, timeout))
+            if self.fail or self.delay > timeout:
+                self.up = False
+                raise WorkerError(f"{self.id} failed")
+        finally:
+            self.outstanding -= 1
+        if self.grid:  # collage: (1, S*t, S*t, 1) -> (1, k, C + 1)
+            s = self.grid
+            tiles = images[0, ::TILE, ::TILE, 0].reshape(s * s)
+            labels = np.where(tiles == 0, len(CLASSES), tiles - 1)  # black tile = empty
+            return Inference(np.eye(len(CLASSES) + 1, dtype=np.float32)[labels][None])
+        return Inference(np.eye(len(CLASSES), dtype=np.float32)[[int(images[0, 0, 0, 0]) - 1]])
+
+    async def ready(self, timeout: float = 1.0) -> bool:
+        return not self.fail
+
+    async def run_probes(self, interval: float) -> None:
+        await asyncio.sleep(3600)
+
+
+def image(label: int) -> np.ndarray:
+    return np.full((TILE, TILE, 1), label + 1, np.uint8)
+
+
+def frontend(mode: str, scnn: list[FakeWorker], collage: FakeWorker | None = None, **kw) -> FrontEnd:
+    config = FrontEndConfig(get_mode(mode), grid=2, group_timeout=0.005, request_timeout=2.0, **kw)
+    pools = {2: WorkerPool([collage])} if collage else {}
+    return FrontEnd(config, WorkerPool(scnn), pools, CLASSES, {2: TILE} if collage else {}, 1)
+
+
+async def classify_all(fe: FrontEnd, labels: list[int]):
+    await fe.start()
+    try:
+        return await asyncio.gather(*(fe.classify(image(x)) for x in labels), return_exceptions=True)
+    finally:
+        await fe.stop()
+
+
+def test_collage_rescues_a_straggler_fast():
+    slow = FakeWorker("s0", delay=1.5)
+    fe = frontend(
+        "collage", [slow, FakeWorker("s1"), FakeWorker("s2"), FakeWorker("s3")], FakeWorker("c", grid=2)
+    )
+    # warm the primary latency window so the patient policy knows what "late" means
+    asyncio.run(classify_all(fe, [1, 2, 3]))
+    slow.outstanding = 0
+    answers = asyncio.run(classify_all(fe, [0, 1, 2, 3, 4, 5, 6, 7]))
+    assert [a.label for a in answers] == [0, 1, 2, 3, 4, 5, 6, 7]
+    rescued = [a for a in answers if a.worker_id == "c"]
+    assert rescued and all(a.source is Source.COLLAGE and a.latency < 0.5 for a in rescued)
+
+
+def test_every_request_answered_once_when_a_worker_fails():
+    workers = [FakeWorker("s0", fail=True), FakeWorker("s1"), FakeWorker("s2")]
+    fe = frontend("none", workers)
+    answers = asyncio.run(classify_all(fe, list(range(10))))
+    assert [a.label for a in answers] == list(range(10))
+    assert {a.source for a in answers} <= {Source.PRIMARY, Source.REPLICA}
+    assert fe.metrics.success == 10 and fe.decoder.pending == 0
+
+
+def test_replicate_all_sends_two_copies_and_answers_once():
+    workers = [FakeWorker(f"s{i}") for i in range(4)]
+    fe = frontend("replicate-all", workers)
+    answers = asyncio.run(classify_all(fe, [3, 4]))
+    assert [a.label for a in answers] == [3, 4]
+    assert sum(w.calls for w in workers) == 4
+
+
+def test_first_policy_takes_whichever_answer_comes_first():
+    fe = frontend(
+        "collage", [FakeWorker("s0", delay=0.3)], FakeWorker("c", grid=2), policy=DecoderPolicy.FIRST
+    )
+    answers = asyncio.run(classify_all(fe, [5, 6, 7, 8]))
+    assert [a.label for a in answers] == [5, 6, 7, 8] and all(a.source is Source.COLLAGE for a in answers)
+
+
+def test_overload_is_refused_with_429():
+    fe = frontend("none", [FakeWorker("s0", delay=0.05)], max_pending=3)
+    results = asyncio.run(classify_all(fe, list(range(6))))
+    refused = [r for r in results if isinstance(r, OverloadedError)]
+    assert len(refused) == 3 and refused[0].status == 429
+    assert fe.metrics.shed == 3
+
+
+def test_all_paths_down_gives_a_clear_failure():
+    fe = frontend("none", [FakeWorker("s0", fail=True)])
+    (result,) = asyncio.run(classify_all(fe, [1]))
+    assert isinstance(result, Exception) and getattr(result, "status", None) in (503, 504)
+    assert sum(fe.metrics.failures.values()) == 1
+
+
+@pytest.mark.parametrize("mode", ["equal", "replicate", "hedge"])
+def test_baseline_modes_answer_right(mode):
+    fe = frontend(mode, [FakeWorker(f"s{i}") for i in range(3)])
+    answers = asyncio.run(classify_all(fe, [9, 8, 7]))
+    assert [a.label for a in answers] == [9, 8, 7]
