@@ -8,6 +8,7 @@
     collage frontend  the collage front end over running workers
     collage serve     workers and front end on this machine (or a config file's workers)
     collage loadgen   open-loop load against any V2 endpoint
+    collage bench-serving  the serving figures: front-end overhead, sustained rate
     collage demo    the main job on the embedded defaults
 
 Errors we raise on purpose print one line and exit 2; anything else is a bug and shows a trace.
@@ -32,6 +33,7 @@ SERVICE_COMMANDS = {
     "frontend": ("collage_inference.serving.api", "run the collage front end over running workers"),
     "serve": ("collage_inference.serving.cluster", "start workers and front end on this machine"),
     "loadgen": ("collage_inference.bench.loadgen", "open-loop load against a V2 endpoint"),
+    "bench-serving": ("collage_inference.bench.serving", "front-end overhead and sustained-rate figures"),
 }
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_MODELS_DIR = Path(os.environ.get("COLLAGE_MODELS_DIR", REPO_ROOT / "models" / "fashion-mnist"))

@@ -81,11 +81,14 @@ class WorkerClient:
         self.info: WorkerInfo | None = None
 
     async def infer(self, images: np.ndarray, request_id: str, timeout: float) -> Inference:
-        """Send uint8 images (N, H, W, C) as the ``image`` input; their class probabilities."""
+        """Send uint8 images (N, H, W, C) as the ``image`` input; their class probabilities.
+
+        The call's slot in ``outstanding`` was taken by :meth:`WorkerPool.pick`; it is given
+        back here when the call ends, however it ends.
+        """
         body, headers = render_infer_request(
             InferRequest(request_id, (InferTensor.of("image", images),), _WANT), binary_inputs=True
         )
-        self.outstanding += 1
         start = time.perf_counter()
         try:
             async with self._session.post(
@@ -166,17 +169,22 @@ class WorkerPool:
         return any(w.up for w in self.workers)
 
     def pick(self, exclude: str | None = None) -> Worker:
-        """The up worker with the fewest outstanding calls (then the lowest recent latency).
+        """The up worker with the fewest outstanding calls (then the lowest recent latency),
+        with one more outstanding call counted on it now: requests admitted in the same
+        event-loop turn must see each other, before any call task has started.
 
         Falls back to the excluded worker, then to down workers, rather than refusing: a
-        worker marked down may be back, and the call will tell.
+        worker marked down may be back, and the call will tell. Follow every pick with
+        ``infer`` on the picked worker, which gives the slot back.
         """
         candidates = [w for w in self.workers if w.up and w.id != exclude]
         if not candidates:
             candidates = [w for w in self.workers if w.up] or self.workers
         if not candidates:
             raise UnavailableError("no worker is configured for this model")
-        return min(candidates, key=lambda w: (w.outstanding, w.latency))
+        worker = min(candidates, key=lambda w: (w.outstanding, w.latency))
+        worker.outstanding += 1
+        return worker
 
     async def probe(self) -> None:
         """Bring back down workers that answer their readiness check."""

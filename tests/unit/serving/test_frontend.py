@@ -30,8 +30,7 @@ class FakeWorker:
 
     async def infer(self, images: np.ndarray, request_id: str, timeout: float) -> Inference:
         self.calls += 1
-        self.outstanding += 1
-        try:
+        try:  # the pool counted this call in ``outstanding`` when it picked us
             await asyncio.sleep(min(self.delay, timeout))
             if self.fail or self.delay > timeout:
                 self.up = False
@@ -129,3 +128,11 @@ def test_baseline_modes_answer_right(mode):
     fe = frontend(mode, [FakeWorker(f"s{i}") for i in range(3)])
     answers = asyncio.run(classify_all(fe, [9, 8, 7]))
     assert [a.label for a in answers] == [9, 8, 7]
+
+
+def test_a_burst_is_spread_over_the_least_loaded_workers():
+    workers = [FakeWorker(f"s{i}", delay=0.02) for i in range(4)]
+    fe = frontend("none", workers)
+    asyncio.run(classify_all(fe, list(range(8))))
+    assert [w.calls for w in workers] == [2, 2, 2, 2]
+    assert all(w.outstanding == 0 for w in workers)

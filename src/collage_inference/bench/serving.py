@@ -1,0 +1,156 @@
+"""`collage bench-serving`: the serving figures, printed with the machine they ran on.
+
+1. Front-end overhead: the same s-CNN worker (no injected delay) called directly and through
+   the front end (mode ``none``, that worker alone), at the same open-loop rate, runs
+   interleaved A/B/A/B so drift on a shared machine hits both; the overhead is the difference
+   of the medians of their p50 and p99.
+2. Sustained rate: mode ``collage`` with S = 3 (9 s-CNN workers, 1 collage worker) at a high
+   open-loop rate; "no growing queues" means no errors, the offered rate achieved, and the last
+   fifth of the run no slower at p50 than the first fifth (ratio reported).
+
+Warm-up requests are excluded from every figure. Targets (from the serving issue): overhead
+p50 <= 1 ms and p99 <= 3 ms at 200 requests/s; >= 500 requests/s sustained in collage mode.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+
+from collage_inference.bench.loadgen import LoadConfig, LoadResult, environment, run_load_sync
+from collage_inference.config import load_config
+from collage_inference.data import load_dataset
+from collage_inference.serving.cluster import LocalCluster
+
+
+@dataclass(frozen=True)
+class Figure:
+    name: str
+    value: float
+    target: str
+    met: bool
+
+
+def _load(url: str, model: str, rate: float, requests: int, seed: int, images, labels) -> LoadResult:
+    config = LoadConfig(url, rate, requests, model=model, seed=seed, warmup=max(50, requests // 10))
+    return run_load_sync(config, images, labels)
+
+
+def overhead(rate: float, requests: int, repeats: int, images, labels) -> dict:
+    """p50/p99 of direct worker calls vs calls through the front end, interleaved."""
+    config = load_config(overrides={"mode": "none", "grid": 2, "scnn_workers": 1, "port": 0})
+    direct, fronted = [], []
+    with LocalCluster(config) as cluster:
+        worker_url = cluster.worker_urls[0]
+        for i in range(repeats):
+            direct.append(_load(worker_url, "scnn", rate, requests, i, images, labels).summary)
+            fronted.append(_load(cluster.url, "classifier", rate, requests, i, images, labels).summary)
+
+    def med(runs, key):
+        return statistics.median(getattr(s, key) for s in runs)
+
+    return {
+        "rate_rps": rate,
+        "requests_per_run": requests,
+        "repeats": repeats,
+        "direct_p50_ms": med(direct, "p50_ms"),
+        "direct_p99_ms": med(direct, "p99_ms"),
+        "frontend_p50_ms": med(fronted, "p50_ms"),
+        "frontend_p99_ms": med(fronted, "p99_ms"),
+        "overhead_p50_ms": med(fronted, "p50_ms") - med(direct, "p50_ms"),
+        "overhead_p99_ms": med(fronted, "p99_ms") - med(direct, "p99_ms"),
+        "errors": sum(s.error_count for s in direct + fronted),
+    }
+
+
+def sustained(rate: float, requests: int, images, labels) -> dict:
+    """Collage mode, S = 3, at ``rate``: achieved throughput and queue growth."""
+    config = load_config(overrides={"mode": "collage", "grid": 3, "port": 0})
+    with LocalCluster(config) as cluster:
+        result = _load(cluster.url, "classifier", rate, requests, 7, images, labels)
+    lat = np.asarray(result.latencies_ms)
+    fifth = max(len(lat) // 5, 1)
+    first, last = float(np.median(lat[:fifth])), float(np.median(lat[-fifth:]))
+    return {
+        "offered_rps": rate,
+        "requests": requests,
+        "achieved_rps": result.summary.throughput_rps,
+        "p50_ms": result.summary.p50_ms,
+        "p99_ms": result.summary.p99_ms,
+        "errors": result.summary.error_count,
+        "accuracy": result.accuracy,
+        "sources": dict(result.source_shares),
+        "first_fifth_p50_ms": first,
+        "last_fifth_p50_ms": last,
+        "queue_growth": last / first if first > 0 else float("inf"),
+    }
+
+
+def figures(over: dict, sus: dict) -> list[Figure]:
+    return [
+        Figure(
+            "front-end overhead p50 (ms)", over["overhead_p50_ms"], "<= 1", over["overhead_p50_ms"] <= 1.0
+        ),
+        Figure(
+            "front-end overhead p99 (ms)", over["overhead_p99_ms"], "<= 3", over["overhead_p99_ms"] <= 3.0
+        ),
+        Figure(
+            "sustained rate, collage S=3 (req/s)",
+            sus["achieved_rps"],
+            f">= 500 at {sus['offered_rps']:g} offered, no errors, no queue growth",
+            sus["achieved_rps"] >= 0.97 * sus["offered_rps"]
+            and sus["errors"] == 0
+            and sus["queue_growth"] < 1.5,
+        ),
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="collage bench-serving", description=__doc__.split("\n\n")[0])
+    p.add_argument("--rate", type=float, default=200.0, help="open-loop rate of the overhead runs")
+    p.add_argument("--requests", type=int, default=2000, help="measured requests per overhead run")
+    p.add_argument("--repeats", type=int, default=3, help="A/B pairs of overhead runs")
+    p.add_argument("--sustained-rate", type=float, default=500.0)
+    p.add_argument("--sustained-requests", type=int, default=5000)
+    p.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    args = p.parse_args(argv)
+    test = load_dataset("fashion-mnist", "test")
+    images, labels = test.images, test.labels
+    print("measuring front-end overhead ...", file=sys.stderr, flush=True)
+    over = overhead(args.rate, args.requests, args.repeats, images, labels)
+    print("measuring sustained rate ...", file=sys.stderr, flush=True)
+    sus = sustained(args.sustained_rate, args.sustained_requests, images, labels)
+    figs = figures(over, sus)
+    report = {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "command": "collage bench-serving " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "environment": environment(),
+        "overhead": over,
+        "sustained": sus,
+        "figures": [f.__dict__ for f in figs],
+    }
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(f"{report['date']}  {report['environment']}")
+        print(f"direct worker   p50 {over['direct_p50_ms']:.2f} ms  p99 {over['direct_p99_ms']:.2f} ms")
+        print(f"via front end   p50 {over['frontend_p50_ms']:.2f} ms  p99 {over['frontend_p99_ms']:.2f} ms")
+        print(
+            f"sustained       {sus['achieved_rps']:.0f} req/s of {sus['offered_rps']:g} offered, "
+            f"p50 {sus['p50_ms']:.2f} ms, p99 {sus['p99_ms']:.2f} ms, errors {sus['errors']}, "
+            f"p50 last/first fifth {sus['queue_growth']:.2f}, accuracy {sus['accuracy']:.4f}"
+        )
+        print("| figure | value | target | met |\n|---|---|---|---|")
+        for f in figs:
+            print(f"| {f.name} | {f.value:.2f} | {f.target} | {'yes' if f.met else 'NO'} |")
+    return 0 if all(f.met for f in figs) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

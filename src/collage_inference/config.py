@@ -1,0 +1,415 @@
+"""The serving config: typed, validated, loaded from a TOML file and overridable by flags.
+
+    config = load_config(Path("examples/local.toml"), {"mode": "replicate", "grid": "auto"})
+
+One frozen :class:`ServeConfig` describes a whole deployment: the redundancy mode and grid, the
+front end's knobs, and its workers. Workers are either *local* (the launcher starts them from
+the models in ``models_dir``, optionally straggling on purpose) or *remote* (``[[scnn]]`` and
+``[[collage]]`` tables list V2 model servers already running anywhere; the launcher then starts
+only the front end). File keys and flags share names (``request_timeout`` is
+``--request-timeout``), so every :class:`ConfigError` names both, says what was wrong and how to
+fix it. Relative paths in a file are relative to the file, so a config can ship beside the
+models it names.
+
+File layout (every key optional)::
+
+    mode = "collage"          # none | equal | replicate | hedge | replicate-all | collage
+    grid = 3                  # collage side S (k = S*S), or "auto"
+    policy = "patient"        # patient | first
+    group_timeout = 0.01      # seconds; omit for the adaptive group deadline
+    request_timeout = 5.0
+    replicate_timeout = 0.1
+    max_pending = 4096
+    model_name = "classifier"
+    host = "127.0.0.1"
+    port = 8000
+    models_dir = "../models/fashion-mnist"
+    threads = 1               # engine threads per local worker
+    scnn_workers = 9          # omit: what the mode needs for k
+    ready_timeout = 60.0
+    restart = true            # restart local workers that die
+
+    [slowdown]                # straggler injection into local workers (off by default)
+    spec = "pareto:alpha=1.5,scale=0.05"
+    kind = "per-request"      # per-request | per-instance
+    seed = 0
+    workers = [0]             # which s-CNN workers straggle; omit for all of them
+    collage = false           # whether collage workers straggle too
+    contention = 0.0
+    onset_rate = 0.05
+    period = 2.0
+
+    [[scnn]]                  # remote workers instead of local ones
+    url = "http://10.0.0.5:8001"
+    model = "scnn"
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from collage_inference.errors import ConfigError
+from collage_inference.serving.modes import MODES
+from collage_inference.serving.slowdown import KINDS, parse_slowdown
+from collage_inference.serving.types import DecoderPolicy
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_MODELS_DIR = Path(os.environ.get("COLLAGE_MODELS_DIR", REPO_ROOT / "models" / "fashion-mnist"))
+AUTO = "auto"
+AUTO_GRIDS = (2, 3, 4)  # the collage grids ``grid = "auto"`` serves when their models exist
+AUTO_SIZING_GRID = 3  # with ``grid = "auto"``, s-CNN workers are sized for k = 3 x 3 by default
+MAX_GRID = 8
+# [slowdown] keys -> the flags of `collage serve` (and of `collage worker`, where they exist)
+SLOWDOWN_FLAGS = {"spec": "slowdown", "kind": "slowdown_kind", "workers": "slow_workers",
+                  "collage": "slow_collage", "onset_rate": "slow_onset_rate", "period": "slow_period",
+                  "seed": "seed", "contention": "contention"}  # fmt: skip
+
+
+def _flag(key: str) -> str:
+    """The command-line flag of a config key: ``slowdown.seed`` -> ``--seed``."""
+    flag = SLOWDOWN_FLAGS.get(key.removeprefix("slowdown."), key) if key.startswith("slowdown.") else key
+    return "--" + flag.replace("_", "-")
+
+
+def _bad(key: str, problem: str, fix: str) -> ConfigError:
+    return ConfigError(f"`{key}` ({_flag(key)}) {problem}; {fix}")
+
+
+def _number(value: Any, key: str, *, integer: bool = False, low: float = 0.0, strict: bool = True) -> Any:
+    """Check a number (ints allowed where floats are); ``strict``: above ``low``, else at least."""
+    kind = "an integer" if integer else "a number"
+    ok_type = isinstance(value, int) if integer else isinstance(value, int | float)
+    if isinstance(value, bool) or not ok_type or not math.isfinite(value):
+        raise _bad(key, f"must be {kind}, got {value!r}", f"write e.g. {key.split('.')[-1]} = {low + 1:g}")
+    if value < low or (strict and value == low):
+        bound = f"above {low:g}" if strict else f"at least {low:g}"
+        raise _bad(key, f"must be {bound}, got {value!r}", "give a larger value")
+    return value
+
+
+def _choice(value: Any, key: str, choices: tuple[str, ...] | list[str]) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise _bad(key, f"is {value!r}", f"choose one of {', '.join(choices)}")
+    return value
+
+
+@dataclass(frozen=True)
+class WorkerEndpoint:
+    """A V2 model server the front end calls: its base URL and the model name in its URLs."""
+
+    url: str
+    model: str
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.url, str) or not self.url.startswith(("http://", "https://")):
+            raise ConfigError(f"worker url {self.url!r} must look like http://HOST:PORT")
+        if "#" in self.url or not self.url.partition("://")[2].strip("/"):
+            raise ConfigError(f"worker url {self.url!r} must look like http://HOST:PORT (no '#')")
+        if not isinstance(self.model, str) or not self.model or "/" in self.model:
+            raise ConfigError(
+                f'worker {self.url} needs `model`, the model name in its V2 URLs, e.g. model = "scnn"'
+            )
+
+    @property
+    def arg(self) -> str:
+        """The front end's ``--scnn`` / ``--collage`` value."""
+        return f"{self.url.rstrip('/')}#{self.model}"
+
+
+@dataclass(frozen=True)
+class SlowdownSettings:
+    """Straggler injection into local workers. ``workers``: the s-CNN worker indexes that
+    straggle (None: all). Worker i draws with seed ``seed + i`` so workers do not straggle in
+    lockstep."""
+
+    spec: str = "none"
+    kind: str = "per-request"
+    seed: int = 0
+    workers: tuple[int, ...] | None = None
+    collage: bool = False
+    contention: float = 0.0
+    onset_rate: float = 0.05
+    period: float = 2.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.spec, str):
+            raise _bad("slowdown.spec", f"must be a string, got {self.spec!r}", 'e.g. spec = "bimodal"')
+        _choice(self.kind, "slowdown.kind", KINDS)
+        _number(self.seed, "slowdown.seed", integer=True, strict=False)
+        _number(self.onset_rate, "slowdown.onset_rate")
+        _number(self.period, "slowdown.period")
+        if not isinstance(self.collage, bool):
+            raise _bad("slowdown.collage", f"must be true or false, got {self.collage!r}", "collage = false")
+        if not isinstance(self.contention, int | float) or not 0.0 <= self.contention <= 1.0:
+            raise _bad("slowdown.contention", f"is {self.contention!r}", "give a CPU fraction in [0, 1]")
+        if self.workers is not None:
+            if isinstance(self.workers, list):
+                object.__setattr__(self, "workers", tuple(self.workers))
+            if not isinstance(self.workers, tuple) or not all(
+                isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.workers
+            ):
+                raise _bad("slowdown.workers", f"is {self.workers!r}", "list s-CNN worker indexes: [0, 2]")
+        try:  # fail now, not in every worker process
+            parse_slowdown(self.spec, self.kind, self.seed, self.onset_rate, self.period)
+        except ConfigError as exc:
+            raise _bad("slowdown.spec", f"is invalid: {exc}", "fix the spec") from exc
+
+    @property
+    def active(self) -> bool:
+        return self.spec.strip() != "none" or self.contention > 0
+
+    def slows(self, kind: str, index: int) -> bool:
+        """Whether worker ``index`` of ``kind`` (scnn or collage) straggles."""
+        if not self.active:
+            return False
+        if kind == "collage":
+            return self.collage
+        return self.workers is None or index in self.workers
+
+    def worker_args(self, index: int) -> list[str]:
+        """The worker flags that make worker ``index`` straggle as configured."""
+        args = ["--slowdown", self.spec, "--slowdown-kind", self.kind, "--seed", str(self.seed + index)]
+        args += ["--slow-onset-rate", f"{self.onset_rate:g}", "--slow-period", f"{self.period:g}"]
+        return [*args, "--contention", f"{self.contention:g}"] if self.contention else args
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """A whole deployment: front end, mode, and local or remote workers (see the module doc)."""
+
+    mode: str = "collage"
+    grid: int | str = 3
+    policy: str = "patient"
+    group_timeout: float | None = None
+    request_timeout: float = 5.0
+    replicate_timeout: float = 0.1
+    max_pending: int = 4096
+    model_name: str = "classifier"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    models_dir: Path = DEFAULT_MODELS_DIR
+    threads: int = 1
+    scnn_workers: int | None = None
+    ready_timeout: float = 60.0
+    restart: bool = True
+    slowdown: SlowdownSettings = field(default_factory=SlowdownSettings)
+    scnn: tuple[WorkerEndpoint, ...] = ()
+    collage: tuple[WorkerEndpoint, ...] = ()
+
+    def __post_init__(self) -> None:
+        _choice(self.mode, "mode", tuple(MODES))
+        if isinstance(self.grid, str) and self.grid != AUTO:
+            if not self.grid.isdigit():
+                raise _bad("grid", f"is {self.grid!r}", f'give the collage side 2..{MAX_GRID} or "auto"')
+            object.__setattr__(self, "grid", int(self.grid))
+        if self.grid != AUTO and (
+            isinstance(self.grid, bool) or not isinstance(self.grid, int) or not 2 <= self.grid <= MAX_GRID
+        ):
+            raise _bad("grid", f"is {self.grid!r}", f'give the collage side 2..{MAX_GRID} or "auto"')
+        _choice(self.policy, "policy", [p.value for p in DecoderPolicy])
+        if self.group_timeout is not None:
+            _number(self.group_timeout, "group_timeout")
+        _number(self.request_timeout, "request_timeout")
+        _number(self.replicate_timeout, "replicate_timeout")
+        _number(self.max_pending, "max_pending", integer=True)
+        _number(self.threads, "threads", integer=True)
+        _number(self.ready_timeout, "ready_timeout")
+        if self.scnn_workers is not None:
+            _number(self.scnn_workers, "scnn_workers", integer=True)
+        if isinstance(self.port, bool) or not isinstance(self.port, int) or not 0 <= self.port <= 65535:
+            raise _bad("port", f"is {self.port!r}", "give a port in 0..65535 (0 picks a free one)")
+        for key in ("host", "model_name"):
+            value = getattr(self, key)
+            if not isinstance(value, str) or not value or "/" in value:
+                raise _bad(key, f"is {value!r}", "give a non-empty name without '/'")
+        if not isinstance(self.restart, bool):
+            raise _bad("restart", f"must be true or false, got {self.restart!r}", "restart = true")
+        if not isinstance(self.models_dir, Path):
+            object.__setattr__(self, "models_dir", Path(self.models_dir))
+        self._check_workers()
+
+    def _check_workers(self) -> None:
+        if self.collage and not self.scnn:
+            raise ConfigError("[[collage]] workers are listed but no [[scnn]] workers; list both, or neither")
+        if self.scnn and MODES[self.mode].collage and not self.collage:
+            raise ConfigError(
+                f"mode {self.mode!r} needs a collage worker: add a [[collage]] table (url, model) "
+                "or pick a mode without a collage"
+            )
+        if not self.remote and self.slowdown.workers:
+            count = self.scnn_count
+            wrong = [i for i in self.slowdown.workers if i >= count]
+            if wrong:
+                raise _bad(
+                    "slowdown.workers",
+                    f"names {wrong}, but mode {self.mode!r} runs {count} s-CNN workers (0..{count - 1})",
+                    "pick indexes below the worker count",
+                )
+
+    @property
+    def remote(self) -> bool:
+        """True when the workers are listed servers: the launcher starts only the front end."""
+        return bool(self.scnn)
+
+    @property
+    def k(self) -> int:
+        """Requests per group the s-CNN pool is sized for (S*S; S = 3 under ``auto``)."""
+        side = AUTO_SIZING_GRID if self.grid == AUTO else int(self.grid)
+        return side * side
+
+    @property
+    def scnn_count(self) -> int:
+        """How many s-CNN workers serve: the remote list, the override, or what the mode needs."""
+        if self.remote:
+            return len(self.scnn)
+        return self.scnn_workers or MODES[self.mode].scnn_workers(self.k)
+
+    def scnn_model(self) -> Path:
+        """The local s-CNN model file, or a ConfigError saying how to get it."""
+        return _model_file(self.models_dir, "scnn")
+
+    def collage_models(self) -> dict[int, Path]:
+        """The local collage model per grid this config serves (none when the mode has no collage)."""
+        if not MODES[self.mode].collage:
+            return {}
+        if self.grid != AUTO:
+            return {int(self.grid): _model_file(self.models_dir, f"collage-{self.grid}x{self.grid}")}
+        found = {s: self.models_dir / f"collage-{s}x{s}.onnx" for s in AUTO_GRIDS}
+        found = {s: p for s, p in found.items() if p.is_file()}
+        if not found:
+            raise _bad(
+                "grid", f'is "auto" but {self.models_dir} holds no collage-SxS.onnx', "train them first"
+            )
+        return found
+
+    def with_overrides(self, overrides: Mapping[str, Any]) -> ServeConfig:
+        """A copy with flag values applied (None values are ignored: the flag was not given)."""
+        return _build({**_flatten(self), **{k: v for k, v in overrides.items() if v is not None}}, "flags")
+
+
+def _model_file(models_dir: Path, stem: str) -> Path:
+    path = models_dir / f"{stem}.onnx"
+    if not path.is_file():
+        raise ConfigError(
+            f"{path} does not exist; set `models_dir` (--models-dir) to a folder holding {stem}.onnx, "
+            "or train the models with `make models`"
+        )
+    return path
+
+
+# --- loading -------------------------------------------------------------------------------------
+
+_TOP = {f.name for f in fields(ServeConfig)} - {"slowdown", "scnn", "collage"}
+_SLOW = {f.name for f in fields(SlowdownSettings)}
+
+
+def load_config(path: Path | str | None = None, overrides: Mapping[str, Any] | None = None) -> ServeConfig:
+    """The config of a TOML file (or the defaults), with flag ``overrides`` applied on top.
+
+    Override keys are the file's keys; slowdown keys are ``slowdown.spec``, ``slowdown.seed``
+    ...; ``scnn`` / ``collage`` take lists of ``URL#MODEL`` strings or :class:`WorkerEndpoint`.
+    """
+    data: dict[str, Any] = {}
+    origin = "defaults"
+    if path is not None:
+        path = Path(path)
+        origin = str(path)
+        try:
+            with path.open("rb") as f:
+                raw = tomllib.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist; see examples/local.toml") from None
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+        data = _flat_from_toml(raw, path)
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    if given:
+        origin = "flags" if path is None else f"{origin} with flags"
+    return _build({**data, **given}, origin)
+
+
+def _flat_from_toml(raw: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The file as flat keys (``slowdown.seed``), relative paths resolved against the file."""
+    data: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key == "slowdown":
+            if not isinstance(value, dict):
+                raise ConfigError(f"{path}: `slowdown` must be a table: [slowdown] spec = ...")
+            data.update({f"slowdown.{k}": v for k, v in value.items()})
+        else:
+            data[key] = value
+    if isinstance(data.get("models_dir"), str):
+        data["models_dir"] = (path.parent / Path(data["models_dir"]).expanduser()).resolve()
+    if isinstance(data.get("slowdown.spec"), str) and data["slowdown.spec"].startswith("trace:"):
+        rest = data["slowdown.spec"][len("trace:") :]
+        if rest and not Path(rest.split(":")[0]).expanduser().is_absolute():
+            data["slowdown.spec"] = f"trace:{(path.parent / rest).resolve()}"
+    return data
+
+
+def _endpoints(value: Any, key: str) -> tuple[WorkerEndpoint, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list | tuple):
+        raise ConfigError(f'`{key}` must be an array of tables: [[{key}]] url = "http://..." model = ...')
+    out = []
+    for item in value:
+        if isinstance(item, WorkerEndpoint):
+            out.append(item)
+        elif isinstance(item, str):
+            url, sep, model = item.partition("#")
+            if not sep:
+                raise _bad(key, f"has {item!r}", "write each worker as http://HOST:PORT#MODEL")
+            out.append(WorkerEndpoint(url, model))
+        elif isinstance(item, dict):
+            extra = set(item) - {"url", "model"}
+            if extra or "url" not in item or "model" not in item:
+                raise ConfigError(
+                    f"each [[{key}]] table takes exactly `url` and `model`, got {sorted(item)}; "
+                    'e.g. url = "http://10.0.0.5:8001" and model = "scnn"'
+                )
+            out.append(WorkerEndpoint(item["url"], item["model"]))
+        else:
+            raise _bad(key, f"has {item!r}", "list tables with url and model")
+    return tuple(out)
+
+
+def _build(data: dict[str, Any], origin: str) -> ServeConfig:
+    """A validated ServeConfig from flat keys; unknown keys are refused with a suggestion."""
+    known = _TOP | {f"slowdown.{k}" for k in _SLOW} | {"scnn", "collage"}
+    for key in data:
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            hint = f"did you mean `{close[0]}`?" if close else f"known keys: {', '.join(sorted(known))}"
+            raise ConfigError(f"{origin}: unknown config key `{key}`; {hint}")
+    slow = {k.removeprefix("slowdown."): v for k, v in data.items() if k.startswith("slowdown.")}
+    top = {k: v for k, v in data.items() if k in _TOP}
+    if isinstance(top.get("models_dir"), str):
+        top["models_dir"] = Path(top["models_dir"]).expanduser()
+    if isinstance(slow.get("workers"), list):
+        slow["workers"] = tuple(slow["workers"])
+    try:
+        return ServeConfig(
+            **top,
+            slowdown=SlowdownSettings(**slow),
+            scnn=_endpoints(data.get("scnn"), "scnn"),
+            collage=_endpoints(data.get("collage"), "collage"),
+        )
+    except ConfigError as exc:
+        raise ConfigError(f"{origin}: {exc}") from exc
+    except TypeError as exc:  # a wrong type that the checks above did not anticipate
+        raise ConfigError(f"{origin}: {exc}") from exc
+
+
+def _flatten(config: ServeConfig) -> dict[str, Any]:
+    data = {name: getattr(config, name) for name in _TOP}
+    data.update({f"slowdown.{k}": getattr(config.slowdown, k) for k in _SLOW})
+    data["scnn"], data["collage"] = list(config.scnn), list(config.collage)
+    return data
