@@ -19,12 +19,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
 from collage_inference import __version__
+from collage_inference.config import DEFAULT_MODELS_DIR, REPO_ROOT
 from collage_inference.errors import CollageError, ConfigError
 
 # Subcommands that are whole programs with their own flags; only their module is imported.
@@ -35,8 +35,6 @@ SERVICE_COMMANDS = {
     "loadgen": ("collage_inference.bench.loadgen", "open-loop load against a V2 endpoint"),
     "bench-serving": ("collage_inference.bench.serving", "front-end overhead and sustained-rate figures"),
 }
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_MODELS_DIR = Path(os.environ.get("COLLAGE_MODELS_DIR", REPO_ROOT / "models" / "fashion-mnist"))
 
 
 def shipped_checkpoints(models_dir: Path) -> list[Path]:

@@ -6,7 +6,7 @@ file may be given: the runner looks for its sibling with the same stem.
 
 Every model takes float32 pixels in [0, 1], (N, C, H, W), and returns logits: (N, classes) for
 an s-CNN, (N, S*S, classes + 1) for a collage-CNN (last class ``empty``). The runner turns them
-into a :class:`Prediction`: label indices and softmax probabilities, per image or per cell.
+into a :class:`BatchPrediction`: label indices and softmax probabilities, per image or per cell.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ _SUFFIX = {"onnx": ".onnx", "torch": ".pt"}
 
 
 @dataclass(frozen=True, eq=False)
-class Prediction:
+class BatchPrediction:
     """labels: (N,) or (N, S*S) int64; probabilities: (N, classes) or (N, S*S, classes + 1) float32."""
 
     labels: np.ndarray
@@ -69,11 +69,11 @@ class ModelRunner:
         np.multiply(fitted.transpose(0, 3, 1, 2), np.float32(1 / 255), out=x)
         return x
 
-    def run_images(self, images: np.ndarray) -> Prediction:
+    def run_images(self, images: np.ndarray) -> BatchPrediction:
         """Classify a uint8 image batch (N, H, W[, C]); images are resized to the model input."""
         return self.run_pixels(self.prepare_images(images))
 
-    def run_pixels(self, x: np.ndarray) -> Prediction:
+    def run_pixels(self, x: np.ndarray) -> BatchPrediction:
         """Classify float32 pixels in [0, 1], (N, C, H, W) at the model's input size."""
         if x.dtype != np.float32 or x.ndim != 4 or x.shape[1:] != self.input_shape:
             raise ProtocolError(
@@ -84,7 +84,7 @@ class ModelRunner:
             raise ProtocolError("pixels must lie in [0, 1]; divide 0-255 values by 255")
         logits = self._logits(x) if len(x) else np.zeros((0, *self.output_shape), np.float32)
         probabilities = softmax(logits)
-        return Prediction(probabilities.argmax(axis=-1).astype(np.int64), probabilities)
+        return BatchPrediction(probabilities.argmax(axis=-1).astype(np.int64), probabilities)
 
     def _logits(self, x: np.ndarray) -> np.ndarray:
         raise NotImplementedError

@@ -50,7 +50,7 @@ from collage_inference.serving.protocol import (
     parse_infer_request,
     render_infer_response,
 )
-from collage_inference.serving.runtime import BACKENDS, ModelRunner, Prediction, load_runner
+from collage_inference.serving.runtime import BACKENDS, BatchPrediction, ModelRunner, load_runner
 from collage_inference.serving.slowdown import (
     CpuContention,
     Slowdown,
@@ -90,7 +90,7 @@ class WorkerConfig:
 
 @dataclass(frozen=True, eq=False)
 class _Result:
-    prediction: Prediction
+    prediction: BatchPrediction
     queue_s: float
     compute_s: float
     injected_s: float
