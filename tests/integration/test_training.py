@@ -1,5 +1,6 @@
 """A short real training run on a Fashion-MNIST subset must clearly beat chance (10%)."""
 
+import dataclasses
 import subprocess
 import sys
 
@@ -79,3 +80,28 @@ def test_bad_flags_give_a_clear_error(tmp_path):
     ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "multiple of 4" in done.stderr
+
+
+def test_an_interrupted_run_resumes_where_it_stopped(tmp_path, monkeypatch):
+    from collage_inference.modelspec import ModelConfig
+    from collage_inference.training import train as train_module
+
+    model = ModelConfig("scnn", 10, stem_width=8, widths=(8, 16), blocks=(1, 1), strides=(2, 2))
+    cfg = train_module.TrainConfig(model, tmp_path / "m.pt", epochs=2, train_limit=1200, progress=False)
+    real_validate = train_module._Task.validate
+    calls = []
+
+    def validate_then_crash(self, net):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the machine went away during epoch 2
+        return real_validate(self, net)
+
+    monkeypatch.setattr(train_module._Task, "validate", validate_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        train_module.train(cfg)
+    assert (tmp_path / "m.resume.pt").exists() and not (tmp_path / "m.pt").exists()
+    monkeypatch.setattr(train_module._Task, "validate", real_validate)
+    result = train_module.train(dataclasses.replace(cfg, resume=True))
+    assert [h["epoch"] for h in result.history] == [1, 2]
+    assert not (tmp_path / "m.resume.pt").exists() and result.path.exists()
