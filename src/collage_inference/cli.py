@@ -8,8 +8,9 @@
     collage frontend  the collage front end over running workers
     collage serve     workers and front end on this machine (or a config file's workers)
     collage loadgen   open-loop load against any V2 endpoint
+    collage bench     every redundancy mode under the same stragglers, with a report and plots
     collage bench-serving  the serving figures: front-end overhead, sustained rate
-    collage demo    the main job on the embedded defaults
+    collage demo    the main job: a short comparison of redundancy modes on the shipped models
 
 Errors we raise on purpose print one line and exit 2; anything else is a bug and shows a trace.
 """
@@ -33,6 +34,10 @@ SERVICE_COMMANDS = {
     "frontend": ("collage_inference.serving.api", "run the collage front end over running workers"),
     "serve": ("collage_inference.serving.cluster", "start workers and front end on this machine"),
     "loadgen": ("collage_inference.bench.loadgen", "open-loop load against a V2 endpoint"),
+    "bench": (
+        "collage_inference.bench.compare",
+        "every redundancy mode under the same stragglers: p99 ratios",
+    ),
     "bench-serving": ("collage_inference.bench.serving", "front-end overhead and sustained-rate figures"),
 }
 
@@ -199,9 +204,10 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    print("collage-inference demo: evaluating the shipped Fashion-MNIST models\n", flush=True)
-    args.models, args.json, args.dataset, args.data_dir = None, False, "fashion-mnist", None
-    return cmd_eval(args)
+    from collage_inference.bench.compare import default_out_dir
+    from collage_inference.bench.demo import run_demo
+
+    return run_demo(args.out or default_out_dir(), args.models_dir)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -231,21 +237,24 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(p)
     p.set_defaults(func=cmd_train)
 
-    for name, helptext, func in (("eval", "evaluate models", cmd_eval), ("demo", "the main job", cmd_demo)):
-        p = sub.add_parser(name, help=helptext)
-        if name == "eval":
-            p.add_argument("models", nargs="*", type=Path, help="checkpoints (default: the shipped models)")
-            p.add_argument("--json", action="store_true", help="one JSON object on stdout")
-            p.add_argument(
-                "--write-card",
-                action="store_true",
-                help="also record the figures in MODELS_DIR/eval.json and MODEL_CARD.md",
-            )
-            _add_data_args(p)
-        p.add_argument("--models-dir", type=Path, default=DEFAULT_MODELS_DIR)
-        p.add_argument("--threads", type=int, default=1, help="CPU threads for latency")
-        p.add_argument("--latency-runs", type=int, default=200, help="timed batch-1 runs per model")
-        p.set_defaults(func=func)
+    p = sub.add_parser("eval", help="evaluate models")
+    p.add_argument("models", nargs="*", type=Path, help="checkpoints (default: the shipped models)")
+    p.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    p.add_argument(
+        "--write-card",
+        action="store_true",
+        help="also record the figures in MODELS_DIR/eval.json and MODEL_CARD.md",
+    )
+    _add_data_args(p)
+    p.add_argument("--models-dir", type=Path, default=DEFAULT_MODELS_DIR)
+    p.add_argument("--threads", type=int, default=1, help="CPU threads for latency")
+    p.add_argument("--latency-runs", type=int, default=200, help="timed batch-1 runs per model")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("demo", help="the main job: a short redundancy comparison on the shipped models")
+    p.add_argument("--out", type=Path, help="report folder (default runs/<timestamp>/)")
+    p.add_argument("--models-dir", type=Path, default=DEFAULT_MODELS_DIR)
+    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("export", help="export a checkpoint to ONNX with a parity check")
     p.add_argument("checkpoint", type=Path)
