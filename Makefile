@@ -25,7 +25,7 @@ test: setup
 test-fast: setup
 	$(BIN)/pytest -q -m "not slow"
 
-# Retrain every shipped model from scratch and re-export ONNX (about 30 minutes on 2 cores).
+# Retrain every shipped model from scratch and re-export ONNX (about 80 minutes on 2 cores).
 models: setup
 	$(BIN)/collage train --preset all
 

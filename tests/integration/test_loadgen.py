@@ -121,7 +121,9 @@ def test_a_server_stall_shows_in_every_request_scheduled_during_it() -> None:
     assert np.median([r.latency_s for r in after]) < 0.05
     assert sum(lat > 100 for lat in result.latencies_ms) >= 20  # a closed loop would see one
     assert result.summary.p90_ms > 150
-    assert result.send_lag_max_ms < 50  # the stall did not hold back the sending: open loop
+    # open loop: the stall did not hold back the sending (a closed loop would send one request
+    # during it); counted, not timed, so a scheduling hiccup on a busy machine cannot fail it
+    assert sum(r.sent_s < stall for r in during) >= len(during) // 2
 
 
 def test_a_late_sender_counts_its_own_lag_in_the_latency() -> None:

@@ -36,6 +36,10 @@ class Figure:
     target: str
     met: bool
 
+    def __post_init__(self) -> None:  # NumPy scalars in, plain JSON-able values out
+        object.__setattr__(self, "value", float(self.value))
+        object.__setattr__(self, "met", bool(self.met))
+
 
 def _load(url: str, model: str, rate: float, requests: int, seed: int, images, labels) -> LoadResult:
     config = LoadConfig(url, rate, requests, model=model, seed=seed, warmup=max(50, requests // 10))
@@ -136,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         "figures": [f.__dict__ for f in figs],
     }
     if args.json:
-        print(json.dumps(report, indent=2))
+        print(json.dumps(report, indent=2, default=float))
     else:
         print(f"{report['date']}  {report['environment']}")
         print(f"direct worker   p50 {over['direct_p50_ms']:.2f} ms  p99 {over['direct_p99_ms']:.2f} ms")

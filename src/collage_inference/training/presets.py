@@ -1,6 +1,6 @@
 """The recipes of the shipped models: `collage train --preset NAME` and `make models` use them.
 
-Sized for a 2-core CPU: all four retrain from scratch in well under 30 minutes. The collage
+Sized for a 2-core CPU (all four retrain in about 80 minutes there). The collage
 models spend at most one s-CNN pass of FLOPs on a whole collage (checked in the tests).
 """
 
