@@ -28,7 +28,7 @@ from collage_inference.grid import fit_images
 from collage_inference.modelspec import ModelConfig, ModelMeta
 from collage_inference.training.checkpoint import read_checkpoint, save_checkpoint
 from collage_inference.training.models import build_model, model_cost
-from collage_inference.training.synthesis import CollageSynthesizer
+from collage_inference.training.synthesis import CollageSynthesizer, augment
 
 
 @dataclass(frozen=True)
@@ -113,8 +113,6 @@ class _Task:
         order = rng.permutation(len(self.x_train))
         for i in range(self.steps):
             idx = order[i * cfg.batch_size : (i + 1) * cfg.batch_size]
-            from collage_inference.training.synthesis import augment
-
             x = augment(self.x_train[idx], rng, cfg.max_shift, cfg.flip)
             yield to_tensor(x), torch.from_numpy(self.y_train[idx])
 
