@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -65,7 +65,6 @@ class FrontEndConfig:
 class _Flight:
     request: Request
     future: asyncio.Future[Answer]
-    workers: list[str] = field(default_factory=list)
 
 
 class FrontEnd:
@@ -173,7 +172,6 @@ class FrontEnd:
             self._flights.pop(request.id, None)
 
     def _send_single(self, flight: _Flight, worker: Worker, source: Source) -> None:
-        flight.workers.append(worker.id)
         self._spawn(self._single(flight.request, worker, source))
 
     async def _single(self, request: Request, worker: Worker, source: Source) -> None:

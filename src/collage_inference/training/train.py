@@ -158,13 +158,11 @@ def train(cfg: TrainConfig) -> TrainResult:
             f"model expects {cfg.model.num_classes} classes and {cfg.model.in_channels} channels, "
             f"dataset {full.name} has {full.num_classes} and {full.channels}"
         )
-    mean, std = _channel_stats(
-        fit_images(train_set.images[:10000], cfg.model.image_size, cfg.model.in_channels)
-    )
+    task = _Task(cfg, train_set, val)  # reads geometry and recipe only, never mean/std
+    mean, std = _channel_stats(task.x_train[:10000])  # tiles already at the model's input size
     model_cfg = dataclasses.replace(cfg.model, mean=mean, std=std)
     cfg = dataclasses.replace(cfg, model=model_cfg)
     model = build_model(model_cfg)
-    task = _Task(cfg, train_set, val)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     schedule = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=cfg.lr, total_steps=cfg.epochs * task.steps, pct_start=0.25
