@@ -39,6 +39,8 @@ SERVICE_COMMANDS = {
         "every redundancy mode under the same stragglers: p99 ratios",
     ),
     "bench-serving": ("collage_inference.bench.serving", "front-end overhead and sustained-rate figures"),
+    "bench-ray": ("collage_inference.bench.ray_overhead", "latency the Ray Serve backend adds, vs local"),
+    "faults": ("collage_inference.bench.faults", "kills, hangs, garbage and overload under load: accounting"),
 }
 
 

@@ -28,6 +28,7 @@ File layout (every key optional)::
     scnn_workers = 9          # omit: what the mode needs for k
     ready_timeout = 60.0
     restart = true            # restart local workers that die
+    token_file = "token.txt"  # shared bearer token for clients and workers (or $COLLAGE_TOKEN)
 
     [slowdown]                # straggler injection into local workers (off by default)
     spec = "pareto:alpha=1.5,scale=0.05"
@@ -42,6 +43,13 @@ File layout (every key optional)::
     [[scnn]]                  # remote workers instead of local ones
     url = "http://10.0.0.5:8001"
     model = "scnn"
+
+    backend = "local"         # local (processes on this machine) | ray (Ray Serve deployments)
+    [ray]                     # the Ray Serve backend (see docs/ray.md and examples/ray.toml)
+    address = "local"         # local: a private Ray on this machine | auto | ray://HOST:10001
+    scnn_replicas = 9         # omit: what the mode needs; ignored under autoscaling
+    scnn_cpus = 1.0           # logical CPUs reserved per s-CNN replica (fractions allowed)
+    autoscaling = false       # then min/max_replicas and target_ongoing_requests apply
 """
 
 from __future__ import annotations
@@ -74,6 +82,8 @@ SLOWDOWN_FLAGS = {"spec": "slowdown", "kind": "slowdown_kind", "workers": "slow_
 
 def _flag(key: str) -> str:
     """The command-line flag of a config key: ``slowdown.seed`` -> ``--seed``."""
+    if key.startswith("ray."):
+        return "--address" if key == "ray.address" else f"[ray] {key.removeprefix('ray.')}"
     flag = SLOWDOWN_FLAGS.get(key.removeprefix("slowdown."), key) if key.startswith("slowdown.") else key
     return "--" + flag.replace("_", "-")
 
@@ -180,6 +190,64 @@ class SlowdownSettings:
         return [*args, "--contention", f"{self.contention:g}"] if self.contention else args
 
 
+BACKENDS = ("local", "ray")
+
+
+@dataclass(frozen=True)
+class RaySettings:
+    """The Ray Serve backend: where Ray runs and how each deployment is sized.
+
+    ``address``: ``local`` starts a private Ray instance on this machine (``num_cpus`` of its
+    CPUs, all when omitted) and stops it afterwards; ``auto`` or ``ray://HOST:PORT`` joins a
+    running cluster and leaves it running. Replica counts, CPUs per replica and the
+    autoscaling bounds apply to the s-CNN deployment; the collage deployments (one per grid)
+    and the front end's ingress take their own counts and CPUs. The engine threads per replica
+    are the top-level ``threads``.
+    """
+
+    address: str = "local"
+    num_cpus: float | None = None
+    object_store_mb: int | None = None
+    scnn_replicas: int | None = None
+    collage_replicas: int = 1
+    ingress_replicas: int = 1
+    scnn_cpus: float = 1.0
+    collage_cpus: float = 1.0
+    ingress_cpus: float = 1.0
+    max_ongoing_requests: int = 16
+    autoscaling: bool = False
+    min_replicas: int = 1
+    max_replicas: int = 16
+    target_ongoing_requests: float = 2.0
+    app_name: str = "collage"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.address, str) or not (
+            self.address in ("local", "auto") or self.address.startswith("ray://") or ":" in self.address
+        ):
+            raise _bad("ray.address", f"is {self.address!r}", 'give "local", "auto" or "ray://HOST:10001"')
+        for key in ("num_cpus", "scnn_cpus", "collage_cpus", "ingress_cpus", "target_ongoing_requests"):
+            if getattr(self, key) is not None:
+                _number(getattr(self, key), f"ray.{key}")
+        for key in ("collage_replicas", "ingress_replicas", "max_ongoing_requests", "min_replicas",
+                    "max_replicas", "scnn_replicas", "object_store_mb"):  # fmt: skip
+            if getattr(self, key) is not None:
+                _number(getattr(self, key), f"ray.{key}", integer=True)
+        if not isinstance(self.autoscaling, bool):
+            raise _bad(
+                "ray.autoscaling", f"must be true or false, got {self.autoscaling!r}", "autoscaling = true"
+            )
+        if self.min_replicas > self.max_replicas:
+            raise _bad("ray.min_replicas", f"({self.min_replicas}) exceeds max_replicas", "lower it")
+        if not isinstance(self.app_name, str) or not self.app_name or "/" in self.app_name:
+            raise _bad("ray.app_name", f"is {self.app_name!r}", "give a non-empty name without '/'")
+
+    @property
+    def owns_cluster(self) -> bool:
+        """True when the launcher starts (and later stops) a private Ray instance."""
+        return self.address == "local"
+
+
 @dataclass(frozen=True)
 class ServeConfig:
     """A whole deployment: front end, mode, and local or remote workers (see the module doc)."""
@@ -199,12 +267,21 @@ class ServeConfig:
     scnn_workers: int | None = None
     ready_timeout: float = 60.0
     restart: bool = True
+    token_file: Path | None = None  # the shared bearer token; None: $COLLAGE_TOKEN, if set
     slowdown: SlowdownSettings = field(default_factory=SlowdownSettings)
     scnn: tuple[WorkerEndpoint, ...] = ()
     collage: tuple[WorkerEndpoint, ...] = ()
+    backend: str = "local"
+    ray: RaySettings = field(default_factory=RaySettings)
 
     def __post_init__(self) -> None:
         _choice(self.mode, "mode", tuple(MODES))
+        _choice(self.backend, "backend", BACKENDS)
+        if self.backend == "ray" and (self.scnn or self.collage):
+            raise ConfigError(
+                "backend ray serves the models as Ray Serve deployments; it cannot front listed "
+                "[[scnn]] / [[collage]] V2 servers: remove those tables or use backend local"
+            )
         if isinstance(self.grid, str) and self.grid != AUTO:
             if not self.grid.isdigit():
                 raise _bad("grid", f"is {self.grid!r}", f'give the collage side 2..{MAX_GRID} or "auto"')
@@ -233,6 +310,10 @@ class ServeConfig:
             raise _bad("restart", f"must be true or false, got {self.restart!r}", "restart = true")
         if not isinstance(self.models_dir, Path):
             object.__setattr__(self, "models_dir", Path(self.models_dir))
+        if self.token_file is not None:
+            object.__setattr__(self, "token_file", Path(self.token_file).expanduser())
+            if not self.token_file.is_file():
+                raise _bad("token_file", f"{self.token_file} is not a file", "write the shared token in it")
         self._check_workers()
 
     def _check_workers(self) -> None:
@@ -269,6 +350,8 @@ class ServeConfig:
         """How many s-CNN workers serve: the remote list, the override, or what the mode needs."""
         if self.remote:
             return len(self.scnn)
+        if self.backend == "ray" and self.ray.scnn_replicas:
+            return self.ray.scnn_replicas
         return self.scnn_workers or MODES[self.mode].scnn_workers(self.k)
 
     def scnn_model(self) -> Path:
@@ -306,8 +389,9 @@ def _model_file(models_dir: Path, stem: str) -> Path:
 
 # --- loading -------------------------------------------------------------------------------------
 
-_TOP = {f.name for f in fields(ServeConfig)} - {"slowdown", "scnn", "collage"}
+_TOP = {f.name for f in fields(ServeConfig)} - {"slowdown", "scnn", "collage", "ray"}
 _SLOW = {f.name for f in fields(SlowdownSettings)}
+_RAY = {f.name for f in fields(RaySettings)}
 
 
 def load_config(path: Path | str | None = None, overrides: Mapping[str, Any] | None = None) -> ServeConfig:
@@ -339,14 +423,15 @@ def _flat_from_toml(raw: dict[str, Any], path: Path) -> dict[str, Any]:
     """The file as flat keys (``slowdown.seed``), relative paths resolved against the file."""
     data: dict[str, Any] = {}
     for key, value in raw.items():
-        if key == "slowdown":
+        if key in ("slowdown", "ray"):
             if not isinstance(value, dict):
-                raise ConfigError(f"{path}: `slowdown` must be a table: [slowdown] spec = ...")
-            data.update({f"slowdown.{k}": v for k, v in value.items()})
+                raise ConfigError(f"{path}: `{key}` must be a table: [{key}] ...")
+            data.update({f"{key}.{k}": v for k, v in value.items()})
         else:
             data[key] = value
-    if isinstance(data.get("models_dir"), str):
-        data["models_dir"] = (path.parent / Path(data["models_dir"]).expanduser()).resolve()
+    for key in ("models_dir", "token_file"):
+        if isinstance(data.get(key), str):
+            data[key] = (path.parent / Path(data[key]).expanduser()).resolve()
     if isinstance(data.get("slowdown.spec"), str) and data["slowdown.spec"].startswith("trace:"):
         rest = data["slowdown.spec"][len("trace:") :]
         if rest and not Path(rest.split(":")[0]).expanduser().is_absolute():
@@ -383,13 +468,14 @@ def _endpoints(value: Any, key: str) -> tuple[WorkerEndpoint, ...]:
 
 def _build(data: dict[str, Any], origin: str) -> ServeConfig:
     """A validated ServeConfig from flat keys; unknown keys are refused with a suggestion."""
-    known = _TOP | {f"slowdown.{k}" for k in _SLOW} | {"scnn", "collage"}
+    known = _TOP | {f"slowdown.{k}" for k in _SLOW} | {f"ray.{k}" for k in _RAY} | {"scnn", "collage"}
     for key in data:
         if key not in known:
             close = difflib.get_close_matches(key, sorted(known), n=1)
             hint = f"did you mean `{close[0]}`?" if close else f"known keys: {', '.join(sorted(known))}"
             raise ConfigError(f"{origin}: unknown config key `{key}`; {hint}")
     slow = {k.removeprefix("slowdown."): v for k, v in data.items() if k.startswith("slowdown.")}
+    ray = {k.removeprefix("ray."): v for k, v in data.items() if k.startswith("ray.")}
     top = {k: v for k, v in data.items() if k in _TOP}
     if isinstance(top.get("models_dir"), str):
         top["models_dir"] = Path(top["models_dir"]).expanduser()
@@ -399,6 +485,7 @@ def _build(data: dict[str, Any], origin: str) -> ServeConfig:
         return ServeConfig(
             **top,
             slowdown=SlowdownSettings(**slow),
+            ray=RaySettings(**ray),
             scnn=_endpoints(data.get("scnn"), "scnn"),
             collage=_endpoints(data.get("collage"), "collage"),
         )
@@ -411,5 +498,6 @@ def _build(data: dict[str, Any], origin: str) -> ServeConfig:
 def _flatten(config: ServeConfig) -> dict[str, Any]:
     data = {name: getattr(config, name) for name in _TOP}
     data.update({f"slowdown.{k}": getattr(config.slowdown, k) for k in _SLOW})
+    data.update({f"ray.{k}": getattr(config.ray, k) for k in _RAY})
     data["scnn"], data["collage"] = list(config.scnn), list(config.collage)
     return data

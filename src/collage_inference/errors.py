@@ -10,7 +10,9 @@
     │   └── ExportError             ONNX export failed or does not match PyTorch
     └── ServingError                serving failed; ``status`` is the HTTP code it maps to
         ├── ProtocolError           400: malformed request (JSON, dtype, shape, image)
-        │   └── PayloadTooLargeError  413: body or image beyond the limits
+        │   ├── PayloadTooLargeError  413: body or image beyond the limits
+        │   └── RequestTimeoutError   408: the client sent its body too slowly
+        ├── UnauthorizedError       401: missing or wrong bearer token
         ├── ModelNotFoundError      404: unknown model name
         ├── OverloadedError         429: queues full, retry later
         ├── WorkerError             502: a worker failed or answered garbage
@@ -70,6 +72,18 @@ class PayloadTooLargeError(ProtocolError):
     """A request body or image exceeds the configured limits (HTTP 413)."""
 
     status = 413
+
+
+class UnauthorizedError(ServingError):
+    """The request lacks the shared bearer token, or carries a wrong one (HTTP 401)."""
+
+    status = 401
+
+
+class RequestTimeoutError(ProtocolError):
+    """The client took longer than the limit to send its request body (HTTP 408)."""
+
+    status = 408
 
 
 class ModelNotFoundError(ServingError):

@@ -15,7 +15,6 @@ import asyncio
 import io
 import json
 import os
-import re
 import time
 from collections import Counter
 from pathlib import Path
@@ -28,6 +27,7 @@ from PIL import Image
 
 from collage_inference.config import ServeConfig, SlowdownSettings
 from collage_inference.serving.cluster import LocalCluster, running
+from collage_inference.serving.metrics import parse_metrics
 from collage_inference.serving.modes import MODES
 from collage_inference.serving.protocol import (
     HEADER_LENGTH,
@@ -132,15 +132,6 @@ async def send(
 def metrics(url: str) -> dict[tuple[str, str], float]:
     """The front end's /metrics as {(name, labels): value}."""
     return parse_metrics(asyncio.run(_get_text(f"{url}/metrics")))
-
-
-def parse_metrics(text: str) -> dict[tuple[str, str], float]:
-    found = {}
-    for line in text.splitlines():
-        match = re.fullmatch(r"(\w+)(?:\{(.*)\})? (\S+)", line)
-        if match and not line.startswith("#"):
-            found[(match[1], match[2] or "")] = float(match[3])
-    return found
 
 
 def total(found: dict[tuple[str, str], float], name: str, labels: str = "") -> float:

@@ -53,6 +53,7 @@ import numpy as np
 from collage_inference.bench.stats import Histogram, LatencySummary
 from collage_inference.data import DATASET_KINDS, load_dataset
 from collage_inference.errors import CollageError, ConfigError, ProtocolError
+from collage_inference.serving.http import load_token
 from collage_inference.serving.protocol import (
     HEADER_LENGTH,
     InferRequest,
@@ -83,6 +84,7 @@ class LoadConfig:
     timeout_s: float = 10.0  # per request, from when it is sent
     overall_timeout_s: float | None = None  # None: the schedule's span + timeout_s + 5 s
     max_in_flight: int = 256
+    token: str | None = field(default=None, repr=False)  # bearer token of a protected server
 
     def __post_init__(self) -> None:
         if not self.url.startswith(("http://", "https://")):
@@ -395,7 +397,8 @@ async def run_load(config: LoadConfig, images: np.ndarray, labels: np.ndarray) -
     connector = aiohttp.TCPConnector(limit=config.max_in_flight)
     timeout = aiohttp.ClientTimeout(total=config.timeout_s)
     tasks: list[asyncio.Task] = []
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+    headers = {"Authorization": f"Bearer {config.token}"} if config.token else None
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout, headers=headers) as session:
         try:
             async with asyncio.timeout(overall + _START_LEAD_S):
                 await run.schedule(session, tasks)
@@ -471,6 +474,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--predict", action="store_true", help="POST PNG bodies to {url}/predict instead")
     parser.add_argument("--json-body", action="store_true", help="V2 JSON tensors instead of binary")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    parser.add_argument("--token-file", type=Path, help="bearer token of a protected server ($COLLAGE_TOKEN)")
     parser.add_argument("--dataset", default="fashion-mnist", choices=DATASET_KINDS, help="test images")
     parser.add_argument("--data-dir", type=Path, help="dataset folder (default for fashion-mnist: Debian's)")
     return parser
@@ -493,6 +497,7 @@ def main(argv: list[str] | None = None) -> int:
             timeout_s=args.timeout,
             overall_timeout_s=args.overall_timeout,
             max_in_flight=args.max_in_flight,
+            token=load_token(args.token_file),
         )
         test = load_dataset(args.dataset, "test", args.data_dir)
         result = run_load_sync(config, test.images, test.labels)

@@ -34,11 +34,12 @@ from collage_inference.errors import (
     ModelNotFoundError,
     PayloadTooLargeError,
     ProtocolError,
+    RequestTimeoutError,
     ServingError,
 )
 from collage_inference.serving.dispatch import HEADER_LENGTH, WorkerClient, WorkerPool
 from collage_inference.serving.frontend import FrontEnd, FrontEndConfig
-from collage_inference.serving.http import error_middleware, serve_app
+from collage_inference.serving.http import load_token, read_body, serve_app, server_middlewares
 from collage_inference.serving.modes import MODES, get_mode
 from collage_inference.serving.protocol import (
     InferResponse,
@@ -49,6 +50,7 @@ from collage_inference.serving.protocol import (
 )
 from collage_inference.serving.types import Answer, DecoderPolicy
 
+log = logging.getLogger("collage_inference.serving")
 MAX_IMAGE_SIDE = 4096  # decoded images beyond this are refused: no decompression bombs
 MAX_IMAGES_PER_CALL = 64
 FRONTEND = web.AppKey("frontend", FrontEnd)
@@ -119,40 +121,40 @@ def answer_json(answer: Answer) -> dict[str, Any]:
     }
 
 
-# --- handlers --------------------------------------------------------------------------------
+# --- what the endpoints answer, framework-neutral ---------------------------------------------
+# Bytes and headers in, payload and headers out: the aiohttp handlers below and the Ray Serve
+# ingress (serving/ray/ingress.py) both call these, so both transports answer alike.
+
+SERVER_METADATA: dict[str, Any] = {
+    "name": "collage-inference",
+    "version": __version__,
+    "extensions": ["binary_tensor_data"],
+}
 
 
-async def _classify(request: web.Request, images: list[np.ndarray]) -> list[Answer]:
-    frontend = request.app[FRONTEND]
+async def classify_images(frontend: FrontEnd, images: list[np.ndarray]) -> list[Answer]:
+    """Answer each image as its own request, concurrently."""
     if not images or len(images) > MAX_IMAGES_PER_CALL:
         raise ProtocolError(f"send between 1 and {MAX_IMAGES_PER_CALL} images per call, got {len(images)}")
     checked = [_check_side(image) for image in images]
     return list(await asyncio.gather(*(frontend.classify(image) for image in checked)))
 
 
-def _check_model(request: web.Request) -> None:
-    name = request.match_info["name"]
-    if name != request.app[MODEL_NAME]:
-        raise ModelNotFoundError(f"unknown model {name!r}; this front end serves {request.app[MODEL_NAME]!r}")
+def check_model(name: str, model_name: str) -> None:
+    """404 unless ``name`` (from the URL) is the model this front end serves."""
+    if name != model_name:
+        raise ModelNotFoundError(f"unknown model {name!r}; this front end serves {model_name!r}")
 
 
-async def _read_body(request: web.Request) -> bytes:
-    limit = request.app[LIMITS].max_body_bytes
-    if request.content_length is not None and request.content_length > limit:
-        raise PayloadTooLargeError(f"the body of {request.content_length} bytes exceeds {limit} bytes")
-    try:
-        return await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        raise PayloadTooLargeError(f"the body exceeds the limit of {limit} bytes") from None
-
-
-async def infer(request: web.Request) -> web.Response:
-    _check_model(request)
-    body = await _read_body(request)
-    parsed = parse_infer_request(body, request.headers.get(HEADER_LENGTH), request.app[LIMITS])
+async def infer_payload(
+    frontend: FrontEnd, model_name: str, limits: Limits, body: bytes, header_length: str | None
+) -> tuple[bytes, dict[str, str]]:
+    """A V2 infer call: the request body (and its binary header length) to the response body
+    and headers."""
+    parsed = parse_infer_request(body, header_length, limits)
     if len(parsed.inputs) != 1:
         raise ProtocolError(f"send exactly one input tensor (the image), got {len(parsed.inputs)}")
-    answers = await _classify(request, images_from_tensor(parsed.inputs[0]))
+    answers = await classify_images(frontend, images_from_tensor(parsed.inputs[0]))
     outputs = (
         InferTensor.of("label", np.array([a.label for a in answers], np.int64)),
         InferTensor.of("class_name", np.array([a.class_name for a in answers], object)),
@@ -164,75 +166,43 @@ async def infer(request: web.Request) -> web.Response:
         raise ProtocolError(f"unknown outputs {sorted(wanted)}; have label, class_name, confidence, source")
     outputs = tuple(t for t in outputs if not wanted or t.name in wanted)
     parameters = {"latency_ms": [round(a.latency * 1e3, 3) for a in answers]}
-    response = InferResponse(request.app[MODEL_NAME], outputs, parsed.id, "1", parameters)
-    payload, headers = render_infer_response(response, parsed)
-    return web.Response(body=payload, headers=headers)
+    response = InferResponse(model_name, outputs, parsed.id, "1", parameters)
+    return render_infer_response(response, parsed)
 
 
-async def predict(request: web.Request) -> web.Response:
-    if request.content_type.startswith("multipart/"):
-        reader = await request.multipart()
-        part = await reader.next()
-        if part is None:
-            raise ProtocolError("the multipart body holds no file; send -F file=@image.png")
-        data = await part.read(decode=False)
-    else:
-        data = await _read_body(request)
+async def predict_payload(frontend: FrontEnd, data: bytes) -> dict[str, Any]:
+    """``POST /predict``: one image file to its answer as JSON."""
     if not data:
         raise ProtocolError("empty body; send the image file, e.g. curl --data-binary @image.png")
-    (answer,) = await _classify(request, [parse_image_bytes(bytes(data))])
-    return web.json_response(answer_json(answer))
+    (answer,) = await classify_images(frontend, [parse_image_bytes(bytes(data))])
+    return answer_json(answer)
 
 
-async def live(request: web.Request) -> web.Response:
-    return web.json_response({"live": True})
+def model_metadata_doc(frontend: FrontEnd, model_name: str) -> dict[str, Any]:
+    """The V2 model metadata of the classifier the front end serves."""
+    return {
+        "name": model_name,
+        "versions": ["1"],
+        "platform": "collage-inference",
+        "inputs": [{"name": "image", "datatype": "UINT8", "shape": [-1, -1, -1]}],
+        "outputs": [
+            {"name": "label", "datatype": "INT64", "shape": [-1]},
+            {"name": "class_name", "datatype": "BYTES", "shape": [-1]},
+            {"name": "confidence", "datatype": "FP32", "shape": [-1]},
+            {"name": "source", "datatype": "BYTES", "shape": [-1]},
+        ],
+        "parameters": {
+            "mode": frontend.mode.name,
+            "grid": frontend.config.grid,
+            "labels": list(frontend.class_names),
+            "scnn_workers": len(frontend.scnn),
+            "collage_workers": sum(len(p) for p in frontend.collage.values()),
+        },
+    }
 
 
-async def ready(request: web.Request) -> web.Response:
-    ok = request.app[FRONTEND].ready
-    return web.json_response({"ready": ok}, status=200 if ok else 503)
-
-
-async def server_metadata(request: web.Request) -> web.Response:
-    return web.json_response(
-        {"name": "collage-inference", "version": __version__, "extensions": ["binary_tensor_data"]}
-    )
-
-
-async def model_metadata(request: web.Request) -> web.Response:
-    _check_model(request)
-    frontend = request.app[FRONTEND]
-    return web.json_response(
-        {
-            "name": request.app[MODEL_NAME],
-            "versions": ["1"],
-            "platform": "collage-inference",
-            "inputs": [{"name": "image", "datatype": "UINT8", "shape": [-1, -1, -1]}],
-            "outputs": [
-                {"name": "label", "datatype": "INT64", "shape": [-1]},
-                {"name": "class_name", "datatype": "BYTES", "shape": [-1]},
-                {"name": "confidence", "datatype": "FP32", "shape": [-1]},
-                {"name": "source", "datatype": "BYTES", "shape": [-1]},
-            ],
-            "parameters": {
-                "mode": frontend.mode.name,
-                "grid": frontend.config.grid,
-                "labels": list(frontend.class_names),
-                "scnn_workers": len(frontend.scnn),
-                "collage_workers": sum(len(p) for p in frontend.collage.values()),
-            },
-        }
-    )
-
-
-async def model_ready(request: web.Request) -> web.Response:
-    _check_model(request)
-    ok = request.app[FRONTEND].ready
-    return web.json_response({"name": request.app[MODEL_NAME], "ready": ok}, status=200 if ok else 503)
-
-
-async def metrics(request: web.Request) -> web.Response:
-    frontend = request.app[FRONTEND]
+def metrics_text(frontend: FrontEnd) -> str:
+    """The Prometheus exposition text: the front end's counters and per-worker gauges."""
     gauges = [
         ("collage_requests_in_flight", "Requests admitted and not yet answered", "", frontend.in_flight),
         ("collage_decoder_late_replies", "Replies dropped because their request was answered",
@@ -245,25 +215,134 @@ async def metrics(request: web.Request) -> web.Response:
             gauges.append(
                 ("collage_worker_outstanding", "Calls in flight to the worker", labels, w.outstanding)
             )
-    text = frontend.metrics.render(gauges)
+            gauges.append(("collage_worker_calls", "Calls sent to the worker", labels, pool.picked[w.id]))
+    return frontend.metrics.render(gauges)
+
+
+def readiness(frontend: FrontEnd) -> tuple[dict[str, Any], int]:
+    """``/v2/health/ready``: ready while an s-CNN worker is up; ``degraded`` when the collage
+    path is down (requests are still answered, by the primaries alone)."""
+    ok = frontend.ready
+    degraded = frontend.mode.collage and not all(p.ready for p in frontend.collage.values())
+    return {"ready": ok, "degraded": degraded}, 200 if ok else 503
+
+
+def count_status(frontend: FrontEnd, status: int) -> None:
+    """Count a refused request (4xx but 429, which is load shedding) in the front end's metrics."""
+    if 400 <= status < 500 and status != 429:
+        frontend.metrics.bad_requests += 1
+
+
+# --- aiohttp handlers ------------------------------------------------------------------------
+
+
+async def _classify(request: web.Request, images: list[np.ndarray]) -> list[Answer]:
+    return await classify_images(request.app[FRONTEND], images)
+
+
+def _check_model(request: web.Request) -> None:
+    check_model(request.match_info["name"], request.app[MODEL_NAME])
+
+
+async def _read_body(request: web.Request) -> bytes:
+    return await read_body(request, request.app[LIMITS])
+
+
+async def _read_multipart_file(request: web.Request) -> bytes:
+    """The first file of a multipart body, within the same size and time limits as a body."""
+    limits = request.app[LIMITS]
+    try:
+        async with asyncio.timeout(limits.body_timeout):
+            part = await (await request.multipart()).next()
+            if part is None:
+                raise ProtocolError("the multipart body holds no file; send -F file=@image.png")
+            data = bytearray()
+            while chunk := await part.read_chunk():
+                data += chunk
+                if len(data) > limits.max_body_bytes:
+                    raise PayloadTooLargeError(f"the file exceeds the limit of {limits.max_body_bytes} bytes")
+    except TimeoutError:
+        raise RequestTimeoutError(f"the body took longer than {limits.body_timeout:g}s to arrive") from None
+    return bytes(data)
+
+
+async def infer(request: web.Request) -> web.Response:
+    _check_model(request)
+    body = await _read_body(request)
+    payload, headers = await infer_payload(
+        request.app[FRONTEND], request.app[MODEL_NAME], request.app[LIMITS], body,
+        request.headers.get(HEADER_LENGTH),
+    )  # fmt: skip
+    return web.Response(body=payload, headers=headers)
+
+
+async def predict(request: web.Request) -> web.Response:
+    if request.content_type.startswith("multipart/"):
+        data = await _read_multipart_file(request)
+    else:
+        data = await _read_body(request)
+    return web.json_response(await predict_payload(request.app[FRONTEND], data))
+
+
+async def live(request: web.Request) -> web.Response:
+    return web.json_response({"live": True})
+
+
+async def ready(request: web.Request) -> web.Response:
+    doc, status = readiness(request.app[FRONTEND])
+    return web.json_response(doc, status=status)
+
+
+async def server_metadata(request: web.Request) -> web.Response:
+    return web.json_response(SERVER_METADATA)
+
+
+async def model_metadata(request: web.Request) -> web.Response:
+    _check_model(request)
+    return web.json_response(model_metadata_doc(request.app[FRONTEND], request.app[MODEL_NAME]))
+
+
+async def model_ready(request: web.Request) -> web.Response:
+    _check_model(request)
+    ok = request.app[FRONTEND].ready
+    return web.json_response({"name": request.app[MODEL_NAME], "ready": ok}, status=200 if ok else 503)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    text = metrics_text(request.app[FRONTEND])
     return web.Response(text=text, content_type="text/plain", charset="utf-8")
+
+
+async def move_worker(request: web.Request) -> web.Response:
+    """``PUT /admin/workers/{id}`` with ``{"url": ...}``: a worker restarted at a new address."""
+    try:
+        url = (await request.json())["url"]
+    except (ValueError, KeyError, TypeError):
+        raise ProtocolError('send JSON {"url": "http://HOST:PORT"}') from None
+    if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+        raise ProtocolError(f"url must look like http://HOST:PORT, got {url!r}")
+    request.app[FRONTEND].retarget(request.match_info["id"], url)
+    return web.json_response({"worker": request.match_info["id"], "url": url})
 
 
 @web.middleware
 async def count_bad_requests(request: web.Request, handler) -> web.StreamResponse:
     response = await handler(request)
-    if 400 <= response.status < 500 and response.status != 429:
-        request.app[FRONTEND].metrics.bad_requests += 1
+    count_status(request.app[FRONTEND], response.status)
     return response
 
 
 def build_app(
-    frontend: FrontEnd, model_name: str = "classifier", limits: Limits | None = None
+    frontend: FrontEnd,
+    model_name: str = "classifier",
+    limits: Limits | None = None,
+    token: str | None = None,
 ) -> web.Application:
-    """The front end's aiohttp application; its lifecycle starts and drains the front end."""
+    """The front end's aiohttp application; its lifecycle starts and drains the front end.
+    With ``token``, every endpoint but the health checks wants ``Authorization: Bearer``."""
     limits = limits or Limits(max_body_bytes=16 * 2**20)
     app = web.Application(
-        middlewares=[count_bad_requests, error_middleware], client_max_size=limits.max_body_bytes
+        middlewares=[count_bad_requests, *server_middlewares(token)], client_max_size=limits.max_body_bytes
     )
     app[FRONTEND], app[MODEL_NAME], app[LIMITS] = frontend, model_name, limits
     app.router.add_get("/v2", server_metadata)
@@ -275,6 +354,7 @@ def build_app(
         app.router.add_post(prefix + "/infer", infer)
     app.router.add_post("/predict", predict)
     app.router.add_get("/metrics", metrics)
+    app.router.add_put("/admin/workers/{id}", move_worker)
 
     async def lifecycle(app: web.Application):
         await frontend.start()
@@ -302,12 +382,13 @@ async def connect(
     scnn: list[tuple[str, str]],
     collage: list[tuple[str, str]],
     session: aiohttp.ClientSession,
+    token: str | None = None,
 ) -> FrontEnd:
     """Describe every worker (V2 model metadata) and build the front end over them."""
     if not scnn:
         raise ConfigError("give at least one s-CNN worker (--scnn URL#MODEL)")
-    scnn_clients = [WorkerClient(f"scnn-{i}", u, m, session) for i, (u, m) in enumerate(scnn)]
-    collage_clients = [WorkerClient(f"collage-{i}", u, m, session) for i, (u, m) in enumerate(collage)]
+    scnn_clients = [WorkerClient(f"scnn-{i}", u, m, session, token) for i, (u, m) in enumerate(scnn)]
+    collage_clients = [WorkerClient(f"collage-{i}", u, m, session, token) for i, (u, m) in enumerate(collage)]
     infos = await asyncio.gather(*(w.describe() for w in scnn_clients + collage_clients))
     class_names = infos[0].labels
     pools: dict[int, list[WorkerClient]] = {}
@@ -347,8 +428,9 @@ async def serve(args: argparse.Namespace) -> None:
     async with aiohttp.ClientSession(connector=connector) as session:
         scnn = [parse_worker_arg(v) for v in args.scnn]
         collage = [parse_worker_arg(v) for v in args.collage] if config.mode.collage else []
-        frontend = await connect(config, scnn, collage, session)
-        await serve_app(build_app(frontend, args.model_name), args.host, args.port)
+        token = load_token(args.token_file)
+        frontend = await connect(config, scnn, collage, session, token)
+        await serve_app(build_app(frontend, args.model_name, token=token), args.host, args.port)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -367,6 +449,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--replicate-timeout", type=float, default=0.1, help="re-issue timeout of mode replicate")
     p.add_argument("--max-pending", type=int, default=4096, help="requests in flight before 429")
     p.add_argument("--model-name", default="classifier", help="the model name clients use in V2 URLs")
+    p.add_argument(
+        "--token-file", help="file holding the shared bearer token for clients and workers "
+        "(default: $COLLAGE_TOKEN; none: open)"
+    )  # fmt: skip
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed when ready)")
     return p

@@ -17,8 +17,10 @@ Why it is built this way:
   front end starts once they are ready, with their URLs as flags.
 * **Supervision.** A thread polls the children; one that dies is restarted *on the same port*
   (``--port`` given explicitly), so the front end keeps its URL and its readiness probe brings
-  the worker back without any reconfiguration. A process that keeps dying (5 times in 60 s) is
-  given up and reported in :attr:`LocalCluster.failed`.
+  the worker back without any reconfiguration. If that port has been taken meanwhile, the
+  worker starts on a free port and the launcher tells the front end its new address
+  (``PUT /admin/workers/{id}``). A process that keeps dying (5 times in 60 s) is given up and
+  reported in :attr:`LocalCluster.failed`.
 * **No orphans.** Each child runs in its own session (``start_new_session``), so a terminal's
   Ctrl-C reaches only the launcher, which stops the front end first (it drains), then the
   workers: SIGTERM, then SIGKILL to the whole process group after a grace period, then reaping.
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import runpy
 import signal
@@ -40,16 +43,21 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import collage_inference
 from collage_inference.config import ServeConfig, SlowdownSettings, load_config
 from collage_inference.errors import CollageError, ConfigError, UnavailableError, WorkerError
-from collage_inference.serving.http import READY_PREFIX
+from collage_inference.serving.http import READY_PREFIX, load_token
 from collage_inference.serving.modes import MODES
+
+if TYPE_CHECKING:
+    from collage_inference.serving.ray.launcher import RayCluster
 
 WORKER_MODULE = "collage_inference.serving.worker"
 FRONTEND_MODULE = "collage_inference.serving.api"
@@ -272,8 +280,12 @@ class LocalCluster:
         echo: Callable[[str], None] | None = None,
         poll_interval: float = 0.2,
         stop_event: threading.Event | None = None,
+        interpose: Callable[[str, str], str] | None = None,
     ) -> None:
-        """``stop_event``: set it (e.g. from a signal handler) to abort a start that is waiting."""
+        """``stop_event``: set it (e.g. from a signal handler) to abort a start that is waiting.
+        ``interpose(name, url)``: the address the front end should use for local worker ``name``
+        serving at ``url`` (a proxy in front of it, say); called once each, before the front end
+        starts. A worker that later moves (:meth:`move_worker`) is announced at its own address."""
         self.config = config
         self.mode = MODES[config.mode]
         self.scnn: list[ManagedProcess] = []
@@ -283,6 +295,7 @@ class LocalCluster:
         self.failed: str | None = None  # set when a process could not be restarted
         self.events: list[str] = []  # what the supervisor did, for logs and tests
         self._log_dir, self._echo, self._poll = log_dir, echo, poll_interval
+        self._interpose = interpose
         self._stopping = threading.Event()
         self._abort = stop_event or threading.Event()
         self._lock = threading.RLock()  # one restart or stop at a time
@@ -344,12 +357,17 @@ class LocalCluster:
         assert proc.model is not None
         extra = slowdown.worker_args(seed_index) if slowdown and slowdown.active else []
         base = ["--model", str(proc.model), "--name", proc.model.stem, "--host", "127.0.0.1"]
-        proc.args = [*base, "--threads", str(self.config.threads), *extra]
+        proc.args = [*base, "--threads", str(self.config.threads), *self._token_args(), *extra]
         proc.note = f"straggles: {' '.join(extra)}" if extra else ""
+
+    def _token_args(self) -> list[str]:
+        # The path, never the token: arguments are visible to every user in ``ps``.
+        return ["--token-file", str(self.config.token_file)] if self.config.token_file else []
 
     def _frontend_args(self) -> list[str]:
         cfg = self.config
         args = ["--mode", cfg.mode, "--grid", str(cfg.grid), "--policy", cfg.policy, "--host", cfg.host]
+        args += self._token_args()
         args += [
             "--request-timeout",
             f"{cfg.request_timeout:g}",
@@ -363,13 +381,17 @@ class LocalCluster:
             scnn = [e.arg for e in cfg.scnn]
             collage = [e.arg for e in cfg.collage] if self.mode.collage else []
         else:
-            scnn = [f"{p.url}#{p.model.stem}" for p in self.scnn if p.model]
-            collage = [f"{p.url}#{p.model.stem}" for p in self.collage if p.model]
+            scnn = [f"{self._address(p)}#{p.model.stem}" for p in self.scnn if p.model]
+            collage = [f"{self._address(p)}#{p.model.stem}" for p in self.collage if p.model]
         for value in scnn:
             args += ["--scnn", value]
         for value in collage:
             args += ["--collage", value]
         return args
+
+    def _address(self, proc: ManagedProcess) -> str:
+        assert proc.url is not None
+        return self._interpose(proc.name, proc.url) if self._interpose else proc.url
 
     def stop(self, grace: float = GRACE_S) -> None:
         """Stop everything: front end first (it drains), then workers; SIGKILL after ``grace``."""
@@ -421,10 +443,40 @@ class LocalCluster:
         try:
             wait_all_ready([proc], self.config.ready_timeout, self._aborted)
         except WorkerError as exc:
-            self._note(f"restart of {proc.name} failed: {exc}")
-            time.sleep(min(0.2 * 2 ** len(proc.restarts), 5.0))  # then the next poll retries
+            if proc is self.frontend or "cannot listen" not in str(exc):
+                self._note(f"restart of {proc.name} failed: {exc}")
+                time.sleep(min(0.2 * 2 ** len(proc.restarts), 5.0))  # then the next poll retries
+                return
+            self._note(f"port {proc.port} of {proc.name} is taken; starting it on a free port")
+            self._start_elsewhere(proc)
         else:
             self._note(f"{proc.name} is back at {proc.url} (pid {proc.pid})")
+
+    def _start_elsewhere(self, proc: ManagedProcess) -> None:
+        """Start worker ``proc`` on a free port and tell the front end its new address."""
+        proc.port = 0
+        proc.start()
+        wait_all_ready([proc], self.config.ready_timeout, self._aborted)
+        assert proc.url is not None
+        self._tell_frontend(proc.name, proc.url)
+        self._note(f"{proc.name} is back at {proc.url} (pid {proc.pid}); the front end knows")
+
+    def _tell_frontend(self, worker_id: str, url: str) -> None:
+        token = load_token(self.config.token_file)
+        request = urllib.request.Request(
+            f"{self.url}/admin/workers/{worker_id}",
+            data=json.dumps({"url": url}).encode(),
+            method="PUT",
+            headers={
+                "Content-Type": "application/json",
+                **({"Authorization": f"Bearer {token}"} if token else {}),
+            },
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=5.0) as response:
+                response.read()
+        except OSError as exc:
+            raise WorkerError(f"could not tell the front end that {worker_id} moved to {url}: {exc}") from exc
 
     def _note(self, message: str) -> None:
         self.events.append(message)
@@ -488,6 +540,17 @@ class LocalCluster:
                 raise WorkerError(f"{proc.name} was not restarted within {timeout:.0f}s: {self.events[-3:]}")
             time.sleep(0.05)
 
+    def move_worker(self, index: int) -> str:
+        """Restart s-CNN worker ``index`` on a new port, as a rescheduled worker would come back,
+        and tell the front end; returns its new URL."""
+        proc = self.scnn[index]
+        with self._lock:
+            proc.terminate()
+            proc.reap(time.monotonic() + GRACE_S)
+            self._start_elsewhere(proc)
+        assert proc.url is not None
+        return proc.url
+
     def restart_worker(self, index: int, slowdown: SlowdownSettings | None = None) -> None:
         """Restart s-CNN worker ``index`` on its port, straggling as ``slowdown`` says (None: not)."""
         proc = self.scnn[index]
@@ -540,8 +603,14 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--host", help="front end address (127.0.0.1)")
     p.add_argument("--port", type=int, help="front end port; 0 picks a free one (8000)")
     p.add_argument("--ready-timeout", type=float, help="seconds to wait for each process (60)")
+    p.add_argument(
+        "--token-file", type=Path, help="file holding the shared bearer token (default: $COLLAGE_TOKEN)"
+    )
     p.add_argument("--no-restart", dest="restart", action="store_false", default=None,
                    help="do not restart local processes that die")  # fmt: skip
+    p.add_argument("--backend", choices=("local", "ray"),
+                   help="local: processes on this machine (default); ray: Ray Serve deployments")  # fmt: skip
+    p.add_argument("--address", help="backend ray: local (a private Ray, default), auto, ray://HOST:10001")
     local = p.add_argument_group("local workers")
     local.add_argument("--models-dir", type=Path, help="folder of scnn.onnx and collage-SxS.onnx")
     local.add_argument("--threads", type=int, help="engine threads per worker (1)")
@@ -578,8 +647,8 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, object]:
         except ValueError:
             raise ConfigError(f"--slow-workers takes indexes like 0,2; got {args.slow_workers!r}") from None
     keys = ("mode", "grid", "policy", "group_timeout", "request_timeout", "replicate_timeout", "max_pending",
-            "model_name", "host", "port", "ready_timeout", "restart", "models_dir", "threads", "scnn_workers",
-            "scnn", "collage")  # fmt: skip
+            "model_name", "host", "port", "ready_timeout", "restart", "token_file", "models_dir", "threads",
+            "scnn_workers", "scnn", "collage")  # fmt: skip
     overrides: dict[str, object] = {k: getattr(args, k) for k in keys}
     overrides.update(
         {
@@ -591,9 +660,21 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, object]:
             "slowdown.contention": args.contention,
             "slowdown.onset_rate": args.slow_onset_rate,
             "slowdown.period": args.slow_period,
+            "backend": args.backend,
+            "ray.address": args.address,
         }
     )
     return overrides
+
+
+def open_cluster(config: ServeConfig, **kwargs: Any) -> LocalCluster | RayCluster:
+    """The launcher of ``config.backend``, not started: a LocalCluster (``kwargs`` are its
+    options), or a RayCluster (Ray is imported only then; ``stop_event`` and ``echo`` apply)."""
+    if config.backend == "ray":
+        from collage_inference.serving.ray.launcher import RayCluster
+
+        return RayCluster(config, stop_event=kwargs.get("stop_event"), log_to_driver=bool(kwargs.get("echo")))
+    return LocalCluster(config, **kwargs)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -606,10 +687,10 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     echo = (lambda line: print(line, file=sys.stderr, flush=True)) if args.verbose else None
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
-    cluster: LocalCluster | None = None
+    cluster: LocalCluster | RayCluster | None = None
     try:
         config = load_config(args.config, overrides_from_args(args))
-        cluster = LocalCluster(config, log_dir=args.log_dir, echo=echo, stop_event=stop)
+        cluster = open_cluster(config, log_dir=args.log_dir, echo=echo, stop_event=stop)
         cluster.start()
         print(cluster.describe(), flush=True)
         print("serving; Ctrl-C or SIGTERM stops everything", flush=True)

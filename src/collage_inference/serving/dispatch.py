@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -66,19 +67,35 @@ class Worker(Protocol):
 
     async def ready(self, timeout: float = 1.0) -> bool: ...
 
+    def retarget(self, url: str) -> None: ...
+
 
 class WorkerClient:
     """One V2 model server over HTTP. Not thread-safe: lives on the front end's event loop."""
 
-    def __init__(self, worker_id: str, url: str, model: str, session: aiohttp.ClientSession) -> None:
-        self.id, self.url, self.model = worker_id, url.rstrip("/"), model
+    def __init__(
+        self,
+        worker_id: str,
+        url: str,
+        model: str,
+        session: aiohttp.ClientSession,
+        token: str | None = None,
+    ) -> None:
+        self.id, self.model = worker_id, model
         self._session = session
-        self._infer_url = f"{self.url}/v2/models/{model}/infer"
+        self._auth = {"Authorization": f"Bearer {token}"} if token else {}
+        self.retarget(url)
         self.outstanding = 0
         self.up = True
         self.failures = 0
         self.latency = 0.0  # EWMA of round trips, seconds
         self.info: WorkerInfo | None = None
+
+    def retarget(self, url: str) -> None:
+        """Point this client at a new address (the worker restarted elsewhere); calls in flight
+        finish against the old one. It counts as down until its readiness probe answers."""
+        self.url = url.rstrip("/")
+        self._infer_url = f"{self.url}/v2/models/{self.model}/infer"
 
     async def infer(self, images: np.ndarray, request_id: str, timeout: float) -> Inference:
         """Send uint8 images (N, H, W, C) as the ``image`` input; their class probabilities.
@@ -89,6 +106,7 @@ class WorkerClient:
         body, headers = render_infer_request(
             InferRequest(request_id, (InferTensor.of("image", images),), _WANT), binary_inputs=True
         )
+        headers.update(self._auth)
         start = time.perf_counter()
         try:
             async with self._session.post(
@@ -96,10 +114,13 @@ class WorkerClient:
             ) as resp:
                 raw = await resp.read()
                 if resp.status != 200:
-                    # The worker is alive and said why; only transport failures mark it down.
+                    # A 4xx (full queue, refused input) is the worker alive and saying why; a 5xx
+                    # is a broken worker, so it is marked down until its readiness probe answers.
+                    if resp.status >= 500:
+                        self.mark_down()
                     raise WorkerError(f"worker {self.id} answered HTTP {resp.status}: {raw[:300]!r}")
                 response = parse_infer_response(raw, resp.headers.get(HEADER_LENGTH))
-            probabilities = response.output("probabilities").data
+            probabilities = self._checked(response.output("probabilities").data, len(images))
         except (TimeoutError, aiohttp.ClientError, ProtocolError, OSError) as exc:
             self.mark_down()
             raise WorkerError(f"worker {self.id} at {self.url} failed: {exc!r}") from exc
@@ -115,6 +136,21 @@ class WorkerClient:
         timings["round_trip"] = elapsed
         return Inference(probabilities, timings)
 
+    def _checked(self, probabilities: np.ndarray, count: int) -> np.ndarray:
+        """The probabilities if their shape is what this worker's model answers, else garbage."""
+        info = self.info
+        if info is None:
+            expected: tuple[int, ...] | None = None
+        elif info.kind == "collage":
+            expected = (count, info.grid * info.grid, len(info.labels))
+        else:
+            expected = (count, len(info.labels))
+        if (expected is not None and probabilities.shape != expected) or len(probabilities) != count:
+            raise ProtocolError(
+                f"probabilities of shape {probabilities.shape}, expected {expected or (count, '...')}"
+            )
+        return probabilities
+
     def mark_down(self) -> None:
         self.up = False
         self.failures += 1
@@ -123,7 +159,9 @@ class WorkerClient:
         """Whether the worker answers its model's readiness check now."""
         try:
             async with self._session.get(
-                f"{self.url}/v2/models/{self.model}/ready", timeout=aiohttp.ClientTimeout(total=timeout)
+                f"{self.url}/v2/models/{self.model}/ready",
+                headers=self._auth,
+                timeout=aiohttp.ClientTimeout(total=timeout),
             ) as resp:
                 await resp.read()
                 return resp.status == 200
@@ -134,8 +172,15 @@ class WorkerClient:
         """Read the model's metadata: kind, grid, labels, input geometry."""
         try:
             async with self._session.get(
-                f"{self.url}/v2/models/{self.model}", timeout=aiohttp.ClientTimeout(total=timeout)
+                f"{self.url}/v2/models/{self.model}",
+                headers=self._auth,
+                timeout=aiohttp.ClientTimeout(total=timeout),
             ) as resp:
+                if resp.status == 401:
+                    raise WorkerError(
+                        f"worker {self.url} refused the front end's token (401); start both with the "
+                        "same $COLLAGE_TOKEN or --token-file"
+                    )
                 doc: dict[str, Any] = await resp.json()
             params = doc["parameters"]
             self.info = WorkerInfo(
@@ -160,6 +205,7 @@ class WorkerPool:
 
     def __init__(self, workers: Iterable[Worker]) -> None:
         self.workers = list(workers)
+        self.picked: Counter[str] = Counter()  # calls sent to each worker id, since start
 
     def __len__(self) -> int:
         return len(self.workers)
@@ -184,6 +230,7 @@ class WorkerPool:
             raise UnavailableError("no worker is configured for this model")
         worker = min(candidates, key=lambda w: (w.outstanding, w.latency))
         worker.outstanding += 1
+        self.picked[worker.id] += 1
         return worker
 
     async def probe(self) -> None:

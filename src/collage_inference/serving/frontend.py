@@ -2,6 +2,7 @@
 
     classify(image)
       1. admit      Request with an end-to-end deadline; refuse with 429 past max_pending
+                    requests in flight or s-CNN calls outstanding
       2. dispatch   primary s-CNN call(s) to the least-loaded worker(s)
       3. group      the grouper adds the request; a closed group is encoded into a collage
       4. backup     the collage goes to a collage worker
@@ -19,11 +20,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from collage_inference.errors import ConfigError, OverloadedError, WorkerError
+from collage_inference.errors import ConfigError, ModelNotFoundError, OverloadedError, WorkerError
 from collage_inference.serving.clock import MonotonicClock
 from collage_inference.serving.decoder import Decoder
 from collage_inference.serving.dispatch import Worker, WorkerPool
@@ -44,6 +46,8 @@ from collage_inference.serving.types import (
     Source,
 )
 
+log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class FrontEndConfig:
@@ -56,7 +60,7 @@ class FrontEndConfig:
     policy: DecoderPolicy = DecoderPolicy.PATIENT
     request_timeout: float = 5.0  # end-to-end deadline; past it the client gets 504
     replicate_timeout: float = 0.1  # the fixed re-issue timeout of mode ``replicate``
-    max_pending: int = 4096  # requests in flight before new ones get 429
+    max_pending: int = 4096  # requests in flight, or s-CNN calls outstanding, before new ones get 429
     probe_interval: float = 0.5  # seconds between readiness probes of down workers
     max_group_timeout: float = 0.05
 
@@ -65,6 +69,10 @@ class FrontEndConfig:
 class _Flight:
     request: Request
     future: asyncio.Future[Answer]
+    # s-CNN calls on transports that can cancel (``worker.cancellable``): cancelled once the
+    # request is answered, so a straggler's queue drops work nobody waits for. HTTP calls are
+    # left to finish: closing a keep-alive connection costs more than the reply.
+    cancellable: list[asyncio.Task] = field(default_factory=list)
 
 
 class FrontEnd:
@@ -145,14 +153,23 @@ class FrontEnd:
     def in_flight(self) -> int:
         return len(self._flights)
 
+    @property
+    def scnn_outstanding(self) -> int:
+        """s-CNN calls sent and not finished, answered requests' calls included: the queue depth."""
+        return sum(w.outstanding for w in self.scnn.workers)
+
     # -- the request path ---------------------------------------------------------------------
 
     async def classify(self, image: np.ndarray) -> Answer:
         """Answer one uint8 (H, W, C) image; raises a ServingError for 429/503/504."""
-        if len(self._flights) >= self.config.max_pending:
+        # Calls outstanding count too: a request answered by its collage cell leaves its primary
+        # call queued at a worker, and under overload that left-behind work would grow unbounded.
+        load = max(len(self._flights), self.scnn_outstanding)
+        if load >= self.config.max_pending:
             self.metrics.shed += 1
             raise OverloadedError(
-                f"{len(self._flights)} requests in flight (limit {self.config.max_pending}); retry later"
+                f"{load} requests in flight or calls outstanding (limit {self.config.max_pending}); "
+                "retry later"
             )
         now = self.clock.now()
         request = Request(f"r{next(self._ids)}", image, now, now + self.config.request_timeout)  # 1. admit
@@ -172,13 +189,19 @@ class FrontEnd:
             self._flights.pop(request.id, None)
 
     def _send_single(self, flight: _Flight, worker: Worker, source: Source) -> None:
-        self._spawn(self._single(flight.request, worker, source))
+        task = self._spawn(self._single(flight.request, worker, source))
+        if getattr(worker, "cancellable", False):
+            flight.cancellable.append(task)
 
     async def _single(self, request: Request, worker: Worker, source: Source) -> None:
         try:
             result = await worker.infer(request.image[None], request.id, self._remaining(request))
-        except WorkerError:
-            self.metrics.worker_errors += 1
+        except asyncio.CancelledError:
+            if source == Source.PRIMARY:  # keep the straggler in the statistics, as a lower bound
+                self.primary_latencies.add(self.clock.now() - request.arrival)
+            raise
+        except Exception as exc:  # whatever a worker does, its request must still be settled
+            self._note_failure(worker, exc)
             self._apply(self.decoder.worker_failed(request.id, self.clock.now()))
             return
         reply = Reply.from_probabilities(
@@ -200,14 +223,31 @@ class FrontEnd:
         deadline = max(r.deadline for r in group.requests) - self.clock.now()
         try:
             result = await worker.infer(pixels[None], f"g{group.id}", max(deadline, 0.001))
-        except WorkerError:
-            self.metrics.worker_errors += 1
+        except Exception as exc:  # whatever a worker does, its group must still be settled
+            self._note_failure(worker, exc)
             self._apply(self.decoder.worker_failed(group, self.clock.now()))
             return
         reply = Reply.from_probabilities(
             Source.COLLAGE, worker.id, result.probabilities[0], group_id=group.id, timings=result.timings
         )
         self._apply(self.decoder.collage_reply(group, reply, self.clock.now()))
+
+    def _note_failure(self, worker: Worker, exc: Exception) -> None:
+        self.metrics.worker_errors += 1
+        if not isinstance(exc, WorkerError):
+            log.error("call to worker %s failed unexpectedly: %r", worker.id, exc)
+
+    def retarget(self, worker_id: str, url: str) -> None:
+        """Point worker ``worker_id`` at ``url`` (it restarted elsewhere). It counts as down until
+        its readiness probe answers at the new address."""
+        for pool in (self.scnn, *self.collage.values()):
+            for worker in pool.workers:
+                if worker.id == worker_id:
+                    worker.retarget(url)
+                    worker.up = False
+                    return
+        known = ", ".join(w.id for p in (self.scnn, *self.collage.values()) for w in p.workers)
+        raise ModelNotFoundError(f"no worker {worker_id!r}; the workers are {known}")
 
     # -- decoder actions and the timer --------------------------------------------------------
 
@@ -219,6 +259,7 @@ class FrontEnd:
             if isinstance(action, Answer):
                 self.metrics.observe_answer(action)
                 flight.future.set_result(action)
+                self._cancel_calls(flight)
             elif isinstance(action, Fail):
                 self.metrics.observe_failure(action.status)
                 flight.future.set_exception(action.error())
@@ -248,7 +289,16 @@ class FrontEnd:
     def _remaining(self, request: Request) -> float:
         return max(request.deadline - self.clock.now(), 0.001)
 
-    def _spawn(self, coro) -> None:
+    def _cancel_calls(self, flight: _Flight) -> None:
+        current = asyncio.current_task()
+        for task in flight.cancellable:
+            if task is not current and not task.done():
+                task.cancel()
+                self.metrics.cancelled += 1
+        flight.cancellable.clear()
+
+    def _spawn(self, coro) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task

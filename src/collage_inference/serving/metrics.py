@@ -7,6 +7,7 @@ straggler detections, group sizes, late replies dropped, load shed, worker healt
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from collections.abc import Iterable
 
@@ -33,6 +34,7 @@ class Metrics:
         self.worker_errors = 0
         self.shed = 0
         self.bad_requests = 0
+        self.cancelled = 0  # pending s-CNN calls cancelled once their request was answered
 
     def observe_answer(self, answer: Answer) -> None:
         self.success += 1
@@ -144,6 +146,25 @@ class Metrics:
         series(
             "collage_bad_requests_total", "counter", "Requests refused with 4xx", [("", self.bad_requests)]
         )
+        series(
+            "collage_cancelled_calls_total",
+            "counter",
+            "Pending s-CNN calls cancelled because their request was answered (transports that can cancel)",
+            [("", self.cancelled)],
+        )
         for name, help_text, labels, value in extra:
             series(name, "gauge", help_text, [(labels, value)])
         return "\n".join(lines) + "\n"
+
+
+_SAMPLE = re.compile(r"(\w+)(?:\{(.*)\})? (\S+)")
+
+
+def parse_metrics(text: str) -> dict[tuple[str, str], float]:
+    """Exposition text back to {(name, labels): value}, for clients, tests and the harness."""
+    found = {}
+    for line in text.splitlines():
+        match = _SAMPLE.fullmatch(line)
+        if match and not line.startswith("#"):
+            found[(match[1], match[2] or "")] = float(match[3])
+    return found

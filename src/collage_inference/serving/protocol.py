@@ -59,10 +59,11 @@ _OUTPUT_REQUEST_FIELDS = frozenset({"name", "parameters"})
 
 @dataclass(frozen=True)
 class Limits:
-    """Bounds on what a parser accepts, so one request cannot exhaust a server's memory."""
+    """Bounds on what a server accepts, so one request cannot exhaust its memory or sockets."""
 
     max_body_bytes: int = 64 * 2**20
     max_elements: int = 2**24
+    body_timeout: float = 10.0  # seconds a client may take to send its body (slow clients)
 
 
 @dataclass(frozen=True, eq=False)

@@ -3,7 +3,8 @@
     python -m collage_inference.serving.worker --model models/fashion-mnist/scnn.onnx --port 0
 
 Endpoints: ``GET /v2``, ``/v2/health/live``, ``/v2/health/ready``, ``/v2/models/{name}``,
-``/v2/models/{name}/ready`` and ``POST /v2/models/{name}/infer`` (JSON or binary tensors; the
+``/v2/models/{name}/ready``, ``/metrics`` (queue depth, load shed) and
+``POST /v2/models/{name}/infer`` (JSON or binary tensors; the
 ``/versions/1/`` forms too). An inference takes one input: the model's own ``input`` (FP32,
 (N, C, H, W), pixels in [0, 1]) or ``image`` (UINT8 (H, W), (H, W, C) or (N, H, W[, C]) of any
 size, resized with the training resize). A 3-D ``image`` whose last axis is 1, 3 or 4 is one
@@ -13,7 +14,9 @@ with ``queue_ms``, ``compute_ms`` and ``injected_ms`` in the response parameters
 
 The request path is: read body -> parse -> admit to the bounded queue -> compute on the one
 compute thread (resize, model, softmax, injected delay) -> render. The event loop never runs
-the model, so health checks and parsing stay responsive while a straggler sleeps.
+the model, so health checks and parsing stay responsive while a straggler sleeps. With a
+shared token (``$COLLAGE_TOKEN`` or ``--token-file``) every endpoint but the health checks
+wants ``Authorization: Bearer <token>``.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from collage_inference.errors import (
     PayloadTooLargeError,
     ProtocolError,
 )
-from collage_inference.serving.http import error_middleware, serve_app
+from collage_inference.serving.http import load_token, read_body, serve_app, server_middlewares
 from collage_inference.serving.protocol import (
     HEADER_LENGTH,
     InferRequest,
@@ -80,6 +83,7 @@ class WorkerConfig:
     max_queue: int = 64
     max_batch: int = 256
     limits: Limits = field(default_factory=Limits)
+    token: str | None = field(default=None, repr=False)  # shared bearer token; never printed
 
     def __post_init__(self) -> None:
         if self.max_queue < 1 or self.max_batch < 1:
@@ -108,6 +112,8 @@ class Worker:
         self.contention = CpuContention(config.contention, config.threads) if config.contention else None
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="compute")
         self._queued = 0  # admitted and not yet finished: waiting plus computing
+        self.served = 0
+        self.shed = 0
         self.metadata = self._metadata()
 
     def check_model(self, name: str, version: str | None) -> None:
@@ -152,6 +158,7 @@ class Worker:
     async def infer(self, x: np.ndarray, is_images: bool) -> _Result:
         """Run one batch on the compute thread, refusing it when the queue is full."""
         if self._queued >= self.config.max_queue:
+            self.shed += 1
             raise OverloadedError(
                 f"{self._queued} requests are queued (limit {self.config.max_queue}); retry later"
             )
@@ -164,6 +171,12 @@ class Worker:
 
     def _release(self) -> None:
         self._queued -= 1
+        self.served += 1
+
+    @property
+    def queued(self) -> int:
+        """Requests admitted and not yet finished (waiting plus computing)."""
+        return self._queued
 
     def _compute(self, x: np.ndarray, is_images: bool, enqueued: float) -> _Result:
         start = time.perf_counter()
@@ -245,19 +258,26 @@ async def _infer(request: web.Request) -> web.Response:
     worker = request.app[WORKER]
     worker.check_model(request.match_info["name"], request.match_info.get("version"))
     limits = worker.config.limits
-    if request.content_length is not None and request.content_length > limits.max_body_bytes:
-        raise PayloadTooLargeError(
-            f"the body of {request.content_length} bytes exceeds {limits.max_body_bytes}"
-        )
-    try:
-        body = await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        raise PayloadTooLargeError(f"the body exceeds the limit of {limits.max_body_bytes} bytes") from None
+    body = await read_body(request, limits)
     parsed = parse_infer_request(body, request.headers.get(HEADER_LENGTH), limits)
     x, is_images = worker.model_input(parsed)
     result = await worker.infer(x, is_images)
     payload, headers = render_infer_response(worker.response(parsed, result), parsed)
     return web.Response(body=payload, headers=headers)
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    worker = request.app[WORKER]
+    labels = f'model="{worker.name}"'
+    lines = []
+    for name, kind, help_text, value in (
+        ("collage_worker_queue_depth", "gauge", "Requests admitted and not finished", worker.queued),
+        ("collage_worker_queue_limit", "gauge", "Requests admitted before 429", worker.config.max_queue),
+        ("collage_worker_requests_total", "counter", "Inference calls finished", worker.served),
+        ("collage_worker_shed_total", "counter", "Inference calls refused with 429", worker.shed),
+    ):
+        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name}{{{labels}}} {value}"]
+    return web.Response(text="\n".join(lines) + "\n", content_type="text/plain", charset="utf-8")
 
 
 async def _server_metadata(request: web.Request) -> web.Response:
@@ -290,13 +310,16 @@ def build_app(config: WorkerConfig) -> web.Application:
     """The worker's aiohttp application; loading and warming the model happens here, so a
     served app is ready by construction."""
     worker = Worker(config)
-    app = web.Application(middlewares=[error_middleware], client_max_size=config.limits.max_body_bytes)
+    app = web.Application(
+        middlewares=server_middlewares(config.token), client_max_size=config.limits.max_body_bytes
+    )
     app[WORKER] = worker
     model = "/v2/models/{name}"
     versioned = "/v2/models/{name}/versions/{version}"
     app.router.add_get("/v2", _server_metadata)
     app.router.add_get("/v2/health/live", _live)
     app.router.add_get("/v2/health/ready", _ready)
+    app.router.add_get("/metrics", _metrics)
     for prefix in (model, versioned):
         app.router.add_get(prefix, _model_metadata)
         app.router.add_get(prefix + "/ready", _model_ready)
@@ -341,6 +364,7 @@ def run_worker(
     max_queue: int = 64,
     max_batch: int = 256,
     limits: Limits | None = None,
+    token: str | None = None,
 ) -> int:
     """Serve one model in this process until SIGTERM/SIGINT; returns the exit code (0)."""
     config = WorkerConfig(
@@ -355,6 +379,7 @@ def run_worker(
         max_queue,
         max_batch,
         limits or Limits(),
+        token,
     )
     asyncio.run(serve(config))
     return 0
@@ -376,6 +401,12 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--max-queue", type=int, default=64, help="requests admitted before 429")
     parser.add_argument("--max-batch", type=int, default=256, help="images per request before 413")
     parser.add_argument("--max-body-mb", type=float, default=64.0, help="request body limit in MiB")
+    parser.add_argument(
+        "--body-timeout", type=float, default=10.0, help="seconds a client may take to send a body (408)"
+    )
+    parser.add_argument(
+        "--token-file", type=Path, help="file holding the shared bearer token (default: $COLLAGE_TOKEN)"
+    )
     add_slowdown_arguments(parser)
     return parser
 
@@ -396,7 +427,8 @@ def main(argv: list[str] | None = None) -> int:
             name=args.name,
             max_queue=args.max_queue,
             max_batch=args.max_batch,
-            limits=Limits(max_body_bytes=int(args.max_body_mb * 2**20)),
+            limits=Limits(max_body_bytes=int(args.max_body_mb * 2**20), body_timeout=args.body_timeout),
+            token=load_token(args.token_file),
         )
     except CollageError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -5,7 +5,7 @@ import asyncio
 import numpy as np
 import pytest
 
-from collage_inference.errors import OverloadedError, WorkerError
+from collage_inference.errors import ModelNotFoundError, OverloadedError, WorkerError
 from collage_inference.serving.dispatch import Inference, WorkerPool
 from collage_inference.serving.frontend import FrontEnd, FrontEndConfig
 from collage_inference.serving.modes import get_mode
@@ -136,3 +136,40 @@ def test_a_burst_is_spread_over_the_least_loaded_workers():
     asyncio.run(classify_all(fe, list(range(8))))
     assert [w.calls for w in workers] == [2, 2, 2, 2]
     assert all(w.outstanding == 0 for w in workers)
+
+
+class GarbageWorker(FakeWorker):
+    """A worker whose calls fail with something other than WorkerError (a bug, garbage)."""
+
+    async def infer(self, images: np.ndarray, request_id: str, timeout: float) -> Inference:
+        self.calls += 1
+        self.outstanding -= 1
+        raise ValueError("garbage in the reply")
+
+
+def test_a_worker_raising_anything_still_leaves_every_request_answered_once():
+    bad = GarbageWorker("s0")
+    fe = frontend("collage", [bad, FakeWorker("s1")], FakeWorker("c", grid=2))
+    answers = asyncio.run(classify_all(fe, list(range(8))))
+    assert [a.label for a in answers] == list(range(8))
+    assert bad.calls and fe.metrics.worker_errors == bad.calls and fe.decoder.pending == 0
+
+
+def test_a_broken_collage_worker_degrades_to_the_primary_path_without_errors():
+    fe = frontend("collage", [FakeWorker("s0"), FakeWorker("s1")], GarbageWorker("c", grid=2))
+    answers = asyncio.run(classify_all(fe, list(range(8))))
+    assert [a.label for a in answers] == list(range(8))
+    assert all(a.source is Source.PRIMARY for a in answers) and fe.ready
+
+
+def test_retarget_points_a_worker_at_its_new_address_and_marks_it_down_until_probed():
+    class Movable(FakeWorker):
+        def retarget(self, url: str) -> None:
+            self.url = url
+
+    moved = Movable("s0")
+    fe = frontend("none", [moved, FakeWorker("s1")])
+    fe.retarget("s0", "http://127.0.0.1:9999")
+    assert moved.url == "http://127.0.0.1:9999" and not moved.up
+    with pytest.raises(ModelNotFoundError, match="s0, s1"):
+        fe.retarget("nope", "http://127.0.0.1:1")

@@ -1,0 +1,35 @@
+"""The Ray Serve backend: the same front end and models, scaled out over a Ray cluster.
+
+    collage serve --backend ray                       # a private Ray instance on this machine
+    collage serve --config examples/ray.toml --address auto    # join a running cluster
+
+Layout (one code path, two transports):
+
+    deployments.py  ModelServer: one model replica (the worker's runtime + straggler injection)
+    transport.py    RayWorker: the front end's ``Worker`` over a deployment handle
+    ingress.py      Ingress: the FrontEnd (grouper, encoder, decoder: the very same code) behind
+                    Ray Serve's HTTP proxy, answering V2, /predict and /metrics as serving/api.py
+    launcher.py     RayCluster: builds the application from a ServeConfig, runs and stops it
+
+Ray is an optional extra; :func:`require_ray` says how to install it when it is missing.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+from collage_inference.errors import ConfigError
+
+INSTALL_HINT = "pip install 'collage-inference[ray]'"
+
+
+def require_ray() -> ModuleType:
+    """The ``ray`` module with Serve, or a ConfigError that says how to install it."""
+    try:
+        import ray
+        from ray import serve  # noqa: F401  (Serve has extra dependencies of its own)
+    except ImportError as exc:
+        raise ConfigError(
+            f"the Ray backend needs Ray Serve, which is not installed ({exc}); run: {INSTALL_HINT}"
+        ) from exc
+    return ray
