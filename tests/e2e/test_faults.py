@@ -58,7 +58,10 @@ def test_overload_is_shed_with_429_and_memory_returns(models_dir: Path) -> None:
     assert a.refused.get("429", 0) > a.sent / 4  # about half the offered load is over capacity
     assert set(a.refused) == {"429"} and a.n_answered > 0
     assert report.max_in_flight <= 32
-    assert report.p99_ms < 3000  # bounded by max_pending / throughput, not growing with the run
+    # Inside the front end a request waits at most about max_pending / throughput (32 / 80 s);
+    # an unbounded queue would reach seconds. (Client-side latency also counts the load
+    # generator's own lag when the machine is saturated, so it is not the bound checked.)
+    assert report.server_p99_ms < 2000
     assert report.rss_end_mb < report.rss_start_mb + 15
 
 

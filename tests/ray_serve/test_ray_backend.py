@@ -173,7 +173,11 @@ def test_serves_real_images_with_the_right_labels(first_run, fashion_test) -> No
 def test_slow_replica_is_rescued_by_the_collage_and_its_calls_cancelled(first_run) -> None:
     answers, text = first_run["answers"], first_run["metrics"]
     rescued = [a for a in answers if a["source"] == "collage"]
-    assert rescued, Counter(a["source"] for a in answers)
+    sources = Counter(a["source"] for a in answers)
+    assert rescued, sources
+    # Only rank 0 straggles: were every replica slow (ranks not told apart), nothing would come
+    # back from an s-CNN replica within the collage's time.
+    assert sources["primary"] >= IMAGES // 4, sources
     assert max(a["latency"] for a in rescued) < DELAY_S * 0.7  # long before the straggler answers
     assert metric(text, "collage_answers_total") == IMAGES
     assert metric(text, "collage_cancelled_calls_total") >= 1  # DeploymentResponse.cancel()
@@ -203,7 +207,12 @@ def test_stop_leaves_no_process_behind(app) -> None:
     assert not processes_mentioning(app["temp"])
 
 
-def test_collage_serve_backend_ray_from_the_command_line(models_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("ctrl_c", [False, True], ids=["sigterm", "ctrl-c"])
+def test_collage_serve_backend_ray_from_the_command_line(
+    models_dir: Path, tmp_path: Path, ctrl_c: bool
+) -> None:
+    """SIGTERM to the process, or SIGINT to its whole process group as a terminal's Ctrl-C
+    sends it (to Ray's processes too): either way a clean exit and no process left."""
     config = tmp_path / "ray.toml"
     config.write_text(
         f'backend = "ray"\nmode = "collage"\ngrid = {GRID}\nport = 0\nmodels_dir = "{models_dir}"\n'
@@ -213,7 +222,9 @@ def test_collage_serve_backend_ray_from_the_command_line(models_dir: Path, tmp_p
     temp = ray_tempdir()
     env = {**os.environ, "RAY_TMPDIR": temp, "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "collage_inference.cli", "serve", "--config", str(config)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True
+    )
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)
     reader.start()
@@ -225,12 +236,16 @@ def test_collage_serve_backend_ray_from_the_command_line(models_dir: Path, tmp_p
         url = next(line.split()[2] for line in lines if line.strip().startswith("front end"))
         tree = process_tree(proc.pid) - {proc.pid}
         assert get(f"{url}/v2/health/ready")[0] == 200
-        proc.send_signal(signal.SIGTERM)
+        assert len(tree) >= 5, "expected Ray's own processes and the replicas under collage serve"
+        if ctrl_c:
+            os.killpg(proc.pid, signal.SIGINT)
+        else:
+            proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0, "".join(lines[-30:])
         assert not wait_gone(tree), "Ray processes left after collage serve stopped"
         assert not processes_mentioning(temp)
     finally:
         if proc.poll() is None:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)  # its own session: collage serve and all it started
             proc.wait()
         shutil.rmtree(temp, ignore_errors=True)

@@ -25,7 +25,7 @@ import sys
 import aiohttp
 from aiohttp import web
 
-from collage_inference.serving.http import serve_app
+from collage_inference.serving.http import run, serve_app
 
 MODES = ("pass", "hang", "garbage", "down")
 CONTROL_PATH = "/_chaos"
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=0, help="0 picks a free port (printed when ready)")
     args = p.parse_args(argv)
-    asyncio.run(serve_app(build_app(args.target), args.host, args.port, shutdown_timeout=1.0))
+    run(serve_app(build_app(args.target), args.host, args.port, shutdown_timeout=1.0))
     return 0
 
 

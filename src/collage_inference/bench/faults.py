@@ -388,6 +388,7 @@ class SoakReport:
     p50_ms: float
     p99_ms: float
     max_ms: float
+    server_p99_ms: float  # inside the front end, admission to answer: what max_pending bounds
     rss_start_mb: float
     rss_peak_mb: float
     rss_end_mb: float
@@ -437,6 +438,7 @@ async def _soak(cluster: LocalCluster, test, capacity: float, factor: float, sec
     (overall,) = account(result.records, 1.0, ())
     responses = overall.n_answered + overall.n_refused
     ok = np.sort(np.array([r.latency_s for r in result.records if r.status == "ok"]) * 1e3)
+    inside = np.array([r.timings["latency_ms"] for r in result.records if "latency_ms" in r.timings])
     return SoakReport(
         offered_rps=rate,
         capacity_rps=capacity,
@@ -446,6 +448,7 @@ async def _soak(cluster: LocalCluster, test, capacity: float, factor: float, sec
         p50_ms=float(np.percentile(ok, 50)) if ok.size else math.nan,
         p99_ms=float(np.percentile(ok, 99)) if ok.size else math.nan,
         max_ms=float(ok[-1]) if ok.size else math.nan,
+        server_p99_ms=float(np.percentile(inside, 99)) if inside.size else math.nan,
         rss_start_mb=start_rss,
         rss_peak_mb=peak,
         rss_end_mb=end_rss,
@@ -463,7 +466,8 @@ def format_soak(report: SoakReport) -> str:
             f"sent {a.sent}, answered {a.n_answered}, refused {refused}, lost {a.n_lost}, "
             f"duplicated {report.duplicated}",
             f"answered latency ms: p50 {report.p50_ms:.1f}, p99 {report.p99_ms:.1f}, "
-            f"max {report.max_ms:.1f}; in flight at most {report.max_in_flight}",
+            f"max {report.max_ms:.1f}; inside the front end p99 {report.server_p99_ms:.1f}; "
+            f"in flight at most {report.max_in_flight}",
             f"front-end memory MiB: start {report.rss_start_mb:.1f}, peak {report.rss_peak_mb:.1f}, "
             f"end {report.rss_end_mb:.1f}",
         ]

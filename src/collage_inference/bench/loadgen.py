@@ -53,7 +53,7 @@ import numpy as np
 from collage_inference.bench.stats import Histogram, LatencySummary
 from collage_inference.data import DATASET_KINDS, load_dataset
 from collage_inference.errors import CollageError, ConfigError, ProtocolError
-from collage_inference.serving.http import load_token
+from collage_inference.serving.http import load_token, run
 from collage_inference.serving.protocol import (
     HEADER_LENGTH,
     InferRequest,
@@ -413,7 +413,7 @@ async def run_load(config: LoadConfig, images: np.ndarray, labels: np.ndarray) -
 
 def run_load_sync(config: LoadConfig, images: np.ndarray, labels: np.ndarray) -> LoadResult:
     """:func:`run_load` for callers without an event loop (scripts, the CLI, notebooks)."""
-    return asyncio.run(run_load(config, images, labels))
+    return run(run_load(config, images, labels))
 
 
 # --- reporting and the CLI -----------------------------------------------------------------------

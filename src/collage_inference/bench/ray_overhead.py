@@ -26,6 +26,7 @@ import json
 import os
 import statistics
 import sys
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -83,7 +84,13 @@ def serve_config(cpus: int) -> ServeConfig:
     return ServeConfig(mode="collage", grid=GRID, port=0, restart=False, ray=ray)
 
 
-def _load(name: str, url: str, rate: float, requests: int, seed: int, images, labels, log) -> LoadResult:
+Log = Callable[[str], None]
+
+
+def _load(
+    name: str, url: str, rate: float, requests: int, seed: int,
+    images: np.ndarray, labels: np.ndarray, log: Log,
+) -> LoadResult:  # fmt: skip
     config = LoadConfig(url, rate, requests, seed=seed, warmup=max(50, requests // 10))
     result = run_load_sync(config, images, labels)
     log(f"{name:<10} run {seed + 1}: p50 {result.summary.p50_ms:.2f} ms, p99 {result.summary.p99_ms:.2f} ms")
@@ -99,7 +106,9 @@ def _summary(results: list[LoadResult]) -> dict[str, float]:
     }
 
 
-def measure(rate: float, requests: int, repeats: int, images, labels, log=print) -> dict[str, Any]:
+def measure(
+    rate: float, requests: int, repeats: int, images: np.ndarray, labels: np.ndarray, log: Log = print
+) -> dict[str, Any]:
     """The three targets (see the module docstring); medians over ``repeats`` runs each."""
     from ray import serve
 

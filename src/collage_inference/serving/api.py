@@ -39,7 +39,7 @@ from collage_inference.errors import (
 )
 from collage_inference.serving.dispatch import HEADER_LENGTH, WorkerClient, WorkerPool
 from collage_inference.serving.frontend import FrontEnd, FrontEndConfig
-from collage_inference.serving.http import load_token, read_body, serve_app, server_middlewares
+from collage_inference.serving.http import load_token, read_body, run, serve_app, server_middlewares
 from collage_inference.serving.modes import MODES, get_mode
 from collage_inference.serving.protocol import (
     InferResponse,
@@ -430,7 +430,12 @@ async def serve(args: argparse.Namespace) -> None:
         collage = [parse_worker_arg(v) for v in args.collage] if config.mode.collage else []
         token = load_token(args.token_file)
         frontend = await connect(config, scnn, collage, session, token)
-        await serve_app(build_app(frontend, args.model_name, token=token), args.host, args.port)
+        try:
+            await serve_app(build_app(frontend, args.model_name, token=token), args.host, args.port)
+        finally:
+            for pool in (frontend.scnn, *frontend.collage.values()):
+                for worker in pool.workers:
+                    worker.close()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -462,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s frontend %(levelname)s %(message)s")
     try:
-        asyncio.run(serve(args))
+        run(serve(args))
     except (CollageError, ServingError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -16,6 +16,7 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 import aiohttp
 import numpy as np
@@ -28,6 +29,7 @@ from collage_inference.serving.protocol import (
     parse_infer_response,
     render_infer_request,
 )
+from collage_inference.serving.wire import HttpClient
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 _WANT = (RequestedOutput("probabilities", binary=True),)
@@ -94,8 +96,16 @@ class WorkerClient:
     def retarget(self, url: str) -> None:
         """Point this client at a new address (the worker restarted elsewhere); calls in flight
         finish against the old one. It counts as down until its readiness probe answers."""
+        if getattr(self, "_http", None) is not None:
+            self._http.close()
         self.url = url.rstrip("/")
-        self._infer_url = f"{self.url}/v2/models/{self.model}/infer"
+        # The hot path (infer) goes through the lean client; metadata and probes through aiohttp.
+        self._http = HttpClient(self.url)
+        self._infer_path = f"{urlsplit(self.url).path}/v2/models/{self.model}/infer"
+
+    def close(self) -> None:
+        """Close the idle keep-alive connections of the inference path."""
+        self._http.close()
 
     async def infer(self, images: np.ndarray, request_id: str, timeout: float) -> Inference:
         """Send uint8 images (N, H, W, C) as the ``image`` input; their class probabilities.
@@ -109,19 +119,16 @@ class WorkerClient:
         headers.update(self._auth)
         start = time.perf_counter()
         try:
-            async with self._session.post(
-                self._infer_url, data=body, headers=headers, timeout=aiohttp.ClientTimeout(total=timeout)
-            ) as resp:
-                raw = await resp.read()
-                if resp.status != 200:
-                    # A 4xx (full queue, refused input) is the worker alive and saying why; a 5xx
-                    # is a broken worker, so it is marked down until its readiness probe answers.
-                    if resp.status >= 500:
-                        self.mark_down()
-                    raise WorkerError(f"worker {self.id} answered HTTP {resp.status}: {raw[:300]!r}")
-                response = parse_infer_response(raw, resp.headers.get(HEADER_LENGTH))
+            reply = await self._http.post(self._infer_path, body, headers, timeout)
+            if reply.status != 200:
+                # A 4xx (full queue, refused input) is the worker alive and saying why; a 5xx
+                # is a broken worker, so it is marked down until its readiness probe answers.
+                if reply.status >= 500:
+                    self.mark_down()
+                raise WorkerError(f"worker {self.id} answered HTTP {reply.status}: {reply.body[:300]!r}")
+            response = parse_infer_response(reply.body, reply.headers.get(HEADER_LENGTH.lower()))
             probabilities = self._checked(response.output("probabilities").data, len(images))
-        except (TimeoutError, aiohttp.ClientError, ProtocolError, OSError) as exc:
+        except (TimeoutError, ProtocolError, OSError) as exc:
             self.mark_down()
             raise WorkerError(f"worker {self.id} at {self.url} failed: {exc!r}") from exc
         finally:

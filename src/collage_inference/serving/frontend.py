@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import itertools
 import logging
 from dataclasses import dataclass, field
@@ -72,7 +73,7 @@ class _Flight:
     # s-CNN calls on transports that can cancel (``worker.cancellable``): cancelled once the
     # request is answered, so a straggler's queue drops work nobody waits for. HTTP calls are
     # left to finish: closing a keep-alive connection costs more than the reply.
-    cancellable: list[asyncio.Task] = field(default_factory=list)
+    cancellable: list[tuple[asyncio.Task, Worker]] = field(default_factory=list)
 
 
 class FrontEnd:
@@ -191,7 +192,7 @@ class FrontEnd:
     def _send_single(self, flight: _Flight, worker: Worker, source: Source) -> None:
         task = self._spawn(self._single(flight.request, worker, source))
         if getattr(worker, "cancellable", False):
-            flight.cancellable.append(task)
+            flight.cancellable.append((task, worker))
 
     async def _single(self, request: Request, worker: Worker, source: Source) -> None:
         try:
@@ -291,8 +292,10 @@ class FrontEnd:
 
     def _cancel_calls(self, flight: _Flight) -> None:
         current = asyncio.current_task()
-        for task in flight.cancellable:
+        for task, worker in flight.cancellable:
             if task is not current and not task.done():
+                if inspect.getcoroutinestate(task.get_coro()) == inspect.CORO_CREATED:
+                    worker.outstanding -= 1  # never started: infer will not give its slot back
                 task.cancel()
                 self.metrics.cancelled += 1
         flight.cancellable.clear()

@@ -43,7 +43,7 @@ from collage_inference.errors import (
     PayloadTooLargeError,
     ProtocolError,
 )
-from collage_inference.serving.http import load_token, read_body, serve_app, server_middlewares
+from collage_inference.serving.http import load_token, read_body, run, serve_app, server_middlewares
 from collage_inference.serving.protocol import (
     HEADER_LENGTH,
     InferRequest,
@@ -381,7 +381,7 @@ def run_worker(
         limits or Limits(),
         token,
     )
-    asyncio.run(serve(config))
+    run(serve(config))
     return 0
 
 

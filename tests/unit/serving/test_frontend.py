@@ -7,9 +7,9 @@ import pytest
 
 from collage_inference.errors import ModelNotFoundError, OverloadedError, WorkerError
 from collage_inference.serving.dispatch import Inference, WorkerPool
-from collage_inference.serving.frontend import FrontEnd, FrontEndConfig
+from collage_inference.serving.frontend import FrontEnd, FrontEndConfig, _Flight
 from collage_inference.serving.modes import get_mode
-from collage_inference.serving.types import DecoderPolicy, Source
+from collage_inference.serving.types import DecoderPolicy, Request, Source
 
 CLASSES = tuple(f"c{i}" for i in range(10))
 TILE = 4
@@ -173,3 +173,23 @@ def test_retarget_points_a_worker_at_its_new_address_and_marks_it_down_until_pro
     assert moved.url == "http://127.0.0.1:9999" and not moved.up
     with pytest.raises(ModelNotFoundError, match="s0, s1"):
         fe.retarget("nope", "http://127.0.0.1:1")
+
+
+def test_a_call_cancelled_before_it_started_gives_its_slot_back():
+    class Cancellable(FakeWorker):
+        cancellable = True
+
+    async def run() -> tuple[int, int]:
+        fe = frontend("none", [Cancellable("s0"), Cancellable("s1")])
+        await fe.start()
+        try:
+            flight = _Flight(Request("x", image(1), 0.0, 10.0), asyncio.get_running_loop().create_future())
+            worker = fe.scnn.pick()  # reserves a slot; the task below never gets to run
+            fe._send_single(flight, worker, Source.REPLICA)
+            fe._cancel_calls(flight)
+            await asyncio.sleep(0)
+            return worker.outstanding, worker.calls
+        finally:
+            await fe.stop()
+
+    assert asyncio.run(run()) == (0, 0)

@@ -198,14 +198,24 @@ class RayCluster:
                     kwargs |= {"include_dashboard": False, "num_cpus": local_cpus(self.config)}
                     if rs.object_store_mb:
                         kwargs["object_store_memory"] = rs.object_store_mb * 2**20
-                with _keep_signal_handlers():
-                    ray.init(**(kwargs | self._ray_init))
-                self._connected = True
+                self._connected = True  # before init: stop() also cleans up a half-started Ray
+                try:
+                    with _keep_signal_handlers():
+                        ray.init(**(kwargs | self._ray_init))
+                except (ConnectionError, RuntimeError, ValueError) as exc:  # no cluster there, bad address
+                    raise UnavailableError(f"cannot start or reach Ray at {rs.address!r}: {exc}") from exc
             host = self.config.host
             port = self.config.port or free_port(host)
             serve.start(http_options={"host": host, "port": port})
             self._deployed = True
-            serve.run(app, name=rs.app_name, route_prefix="/")
+            # Not serve.run: it blocks until the application runs, with no time limit and deaf
+            # to Ctrl-C/SIGTERM (a replica that cannot be placed waits for ever). _wait_ready
+            # polls instead, within ready_timeout and while no stop is requested.
+            serve.run_many(
+                [serve.RunTarget(app, name=rs.app_name, route_prefix="/")],
+                wait_for_ingress_deployment_creation=False,
+                wait_for_applications_running=False,
+            )
             shown = f"[{host}]" if ":" in host else host
             self._url = f"http://{shown}:{port}"
             self._wait_ready()
@@ -214,10 +224,25 @@ class RayCluster:
             raise
         return self
 
+    def _deploy_failure(self) -> str | None:
+        """Serve's message when the application failed to deploy (a replica's constructor
+        raised, e.g. a model file missing on a node); None while it deploys or runs."""
+        from ray import serve
+
+        with contextlib.suppress(Exception):  # a status that cannot be read now is asked again
+            status = serve.status().applications.get(self.config.ray.app_name)
+            if status is not None and status.status == "DEPLOY_FAILED":  # a str enum
+                return status.message or "no message"
+        return None
+
     def _wait_ready(self) -> None:
-        """Serve reports the deployments healthy before its proxy routes to them: ask the proxy."""
+        """Wait until the application runs and the proxy routes to it: Serve reports the
+        deployments healthy before its proxy does, so the proxy is asked."""
         deadline = time.monotonic() + self.config.ready_timeout
         while not self._abort.is_set():
+            failure = self._deploy_failure()
+            if failure is not None:
+                raise UnavailableError(f"the Ray Serve application failed to deploy: {failure}")
             with (
                 contextlib.suppress(OSError, ValueError),  # refused, 503 (an HTTPError), half-started
                 urllib.request.urlopen(f"{self.url}/v2/health/ready", timeout=2.0) as resp,

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 from ray import exceptions as ray_exceptions
 
-from collage_inference.errors import WorkerError
+from collage_inference.errors import ConfigError, WorkerError
 from collage_inference.serving.dispatch import Inference, WorkerInfo
 
 # Failures that say the deployment cannot take calls now (not that one call went wrong).
@@ -79,6 +79,11 @@ class RayWorker:
                 return bool(await self._handle.ready.remote())
         except Exception:
             return False
+
+    def retarget(self, url: str) -> None:
+        """Part of the ``Worker`` interface, with nothing to do here: a deployment has no address
+        that moves; Serve restarts its replicas behind the same handle."""
+        raise ConfigError(f"{self.id} is a Ray Serve deployment, which Serve restarts itself; no URL to set")
 
     async def describe(self, timeout: float = 60.0) -> WorkerInfo:
         """The model behind the deployment: kind, grid, labels, input geometry."""

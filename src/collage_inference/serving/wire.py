@@ -1,0 +1,221 @@
+"""A lean HTTP/1.1 client for the front end's hot path: one write per request, one parse.
+
+Every request the front end admits costs at least one worker call, so the cost of that call is
+most of the front end's CPU per request, and on a small machine CPU per request is latency.
+aiohttp's client is general (cookies, redirects, streaming bodies, tracing) and writes the
+headers and the body of a request as separate system calls. The worker call needs far less: a
+body already in memory, POSTed over a keep-alive connection, and an answer with a
+``Content-Length`` (or chunked) body. :class:`HttpClient` does exactly that, over asyncio
+protocols, with a pool of idle connections per origin.
+
+A request that fails on a reused connection before any byte of the answer arrived is sent once
+more on a new connection: the server may have closed the idle connection just as we wrote to
+it (a keep-alive race every HTTP client has to handle). Inference calls are pure functions of
+their input, so sending one twice is harmless.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from dataclasses import dataclass
+from typing import cast
+from urllib.parse import urlsplit
+
+from collage_inference.errors import ConfigError, ProtocolError
+
+MAX_HEAD_BYTES = 64 * 2**10
+MAX_IDLE = 256  # idle connections kept per origin
+
+
+@dataclass(frozen=True, eq=False)
+class HttpReply:
+    status: int
+    headers: dict[str, str]  # names in lower case
+    body: bytes
+
+
+class _Connection(asyncio.Protocol):
+    """One keep-alive connection; one request at a time."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self.reused = False  # taken from the idle pool: a failure may be a stale keep-alive
+        self._buffer = bytearray()
+        self._waiter: asyncio.Future[HttpReply] | None = None
+        self._head: tuple[int, dict[str, str]] | None = None
+
+    # -- asyncio callbacks --------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's are not asyncio subclasses
+
+    def data_received(self, data: bytes) -> None:
+        if self._waiter is None or self._waiter.done():
+            self.close()  # bytes nobody asked for: the connection cannot be trusted any more
+            return
+        self._buffer += data
+        try:
+            reply = self._parse()
+        except ProtocolError as exc:
+            self._finish(exc)
+            self.close()
+            return
+        if reply is not None:
+            self._finish(reply)
+
+    def eof_received(self) -> bool:
+        self._fail(ConnectionResetError("the server closed the connection"))
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._fail(exc or ConnectionResetError("the connection was lost"))
+
+    # -- requests ------------------------------------------------------------------------------
+
+    async def send(self, data: bytes) -> HttpReply:
+        assert self.transport is not None
+        self._buffer.clear()
+        self._head = None
+        self._waiter = asyncio.get_running_loop().create_future()
+        self.transport.write(data)
+        return await self._waiter
+
+    @property
+    def answered_nothing(self) -> bool:
+        """No byte of an answer arrived for the request in progress."""
+        return self._head is None and not self._buffer
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+    def _finish(self, result: HttpReply | BaseException) -> None:
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(result) if isinstance(result, BaseException) else waiter.set_result(result)
+
+    def _fail(self, exc: BaseException) -> None:
+        self.closed = True
+        self._finish(exc)
+
+    def _parse(self) -> HttpReply | None:
+        buffer = self._buffer
+        if self._head is None:
+            end = buffer.find(b"\r\n\r\n")
+            if end < 0:
+                if len(buffer) > MAX_HEAD_BYTES:
+                    raise ProtocolError("the answer's headers exceed 64 KiB")
+                return None
+            self._head = _parse_head(bytes(buffer[:end]))
+            del buffer[: end + 4]
+        status, headers = self._head
+        if headers.get("transfer-encoding", "").lower() == "chunked":
+            body = _dechunk(buffer)
+            if body is None:
+                return None
+        else:
+            try:
+                length = int(headers.get("content-length", "0"))
+            except ValueError:
+                raise ProtocolError(f"bad Content-Length {headers['content-length']!r}") from None
+            if len(buffer) < length:
+                return None
+            body = bytes(buffer[:length])
+        if headers.get("connection", "").lower() == "close":
+            self.closed = True
+        return HttpReply(status, headers, body)
+
+
+def _parse_head(head: bytes) -> tuple[int, dict[str, str]]:
+    lines = head.decode("latin-1").split("\r\n")
+    parts = lines[0].split(" ", 2)
+    if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
+        raise ProtocolError(f"not an HTTP/1.x status line: {lines[0][:80]!r}")
+    headers = {}
+    for line in lines[1:]:
+        name, sep, value = line.partition(":")
+        if not sep:
+            raise ProtocolError(f"malformed header line {line[:80]!r}")
+        headers[name.strip().lower()] = value.strip()
+    return int(parts[1]), headers
+
+
+def _dechunk(buffer: bytearray) -> bytes | None:
+    """The body of a complete chunked encoding in ``buffer``; None while incomplete."""
+    out, pos = bytearray(), 0
+    while True:
+        end = buffer.find(b"\r\n", pos)
+        if end < 0:
+            return None
+        try:
+            size = int(bytes(buffer[pos:end]).split(b";")[0], 16)
+        except ValueError:
+            raise ProtocolError("malformed chunk size") from None
+        start = end + 2
+        if size == 0:  # the last chunk; then optional trailers and an empty line
+            return bytes(out) if buffer.find(b"\r\n\r\n", end) >= 0 else None
+        if len(buffer) < start + size + 2:
+            return None
+        out += buffer[start : start + size]
+        pos = start + size + 2
+
+
+class HttpClient:
+    """Keep-alive HTTP/1.1 to one origin (``http://host:port`` or ``https://...``)."""
+
+    def __init__(self, url: str) -> None:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(f"{url!r} is not an http:// or https:// URL")
+        self.host = parts.hostname
+        self.port = parts.port or (443 if parts.scheme == "https" else 80)
+        self._ssl = ssl.create_default_context() if parts.scheme == "https" else None
+        self._host_header = parts.netloc
+        self._idle: list[_Connection] = []
+
+    async def post(self, path: str, body: bytes, headers: dict[str, str], timeout: float) -> HttpReply:
+        """POST ``body`` to ``path``; raises OSError, TimeoutError or ProtocolError on failure."""
+        head = [f"POST {path} HTTP/1.1", f"Host: {self._host_header}", f"Content-Length: {len(body)}"]
+        head += [f"{k}: {v}" for k, v in headers.items()]
+        data = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body
+        async with asyncio.timeout(timeout):
+            while True:
+                connection = self._take() or await self._connect()
+                try:
+                    reply = await connection.send(data)
+                except (OSError, ProtocolError):
+                    connection.close()
+                    if connection.reused and connection.answered_nothing:
+                        continue  # a stale keep-alive connection: once more on a new one
+                    raise
+                except BaseException:  # timeout or cancellation mid-answer: unusable
+                    connection.close()
+                    raise
+                break
+        if connection.closed or len(self._idle) >= MAX_IDLE:
+            connection.close()
+        else:
+            self._idle.append(connection)
+        return reply
+
+    def close(self) -> None:
+        """Close the idle connections (requests in flight finish on theirs)."""
+        for connection in self._idle:
+            connection.close()
+        self._idle.clear()
+
+    def _take(self) -> _Connection | None:
+        while self._idle:
+            connection = self._idle.pop()
+            if not connection.closed:
+                connection.reused = True
+                return connection
+        return None
+
+    async def _connect(self) -> _Connection:
+        loop = asyncio.get_running_loop()
+        _, connection = await loop.create_connection(_Connection, self.host, self.port, ssl=self._ssl)
+        return connection
