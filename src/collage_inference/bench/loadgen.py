@@ -46,9 +46,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import numpy as np
+from multidict import CIMultiDict
 
 from collage_inference.bench.stats import Histogram, LatencySummary
 from collage_inference.data import DATASET_KINDS, load_dataset
@@ -61,6 +63,7 @@ from collage_inference.serving.protocol import (
     parse_infer_response,
     render_infer_request,
 )
+from collage_inference.serving.wire import HttpClient
 
 ARRIVALS = ("poisson", "constant")
 TARGETS = ("v2", "predict")
@@ -279,7 +282,12 @@ class _Run:
         self.offsets = arrival_offsets(total, config.rate, config.arrival, config.seed)
         self.image_of = np.arange(total) % len(images)
         # Rendered before the clock starts, once per distinct image, so the schedule never waits on it.
-        self.payloads = [render_payload(images[i], config) for i in range(min(total, len(images)))]
+        auth = {"Authorization": f"Bearer {config.token}"} if config.token else {}
+        self.payloads = [
+            (body, {**headers, **auth})
+            for body, headers in (render_payload(images[i], config) for i in range(min(total, len(images))))
+        ]
+        self.path = urlsplit(config.endpoint).path
         self.records: list[RequestRecord | None] = [None] * total
         self.sent_at: list[float | None] = [None] * total
         self.done_at: list[float | None] = [None] * total
@@ -291,7 +299,7 @@ class _Run:
             i, int(self.image_of[i]), i < self.config.warmup, float(self.offsets[i]), status, **fields
         )
 
-    async def schedule(self, session: aiohttp.ClientSession, tasks: list[asyncio.Task]) -> None:
+    async def schedule(self, client: HttpClient, tasks: list[asyncio.Task]) -> None:
         """Admit each request at its scheduled time; never wait for answers (open loop)."""
         self.start = time.perf_counter() + _START_LEAD_S
         for i, offset in enumerate(self.offsets):
@@ -303,16 +311,15 @@ class _Run:
                 self._record(i, "overflow")
                 continue
             self.in_flight += 1  # counted at admission: the task may not start before the next check
-            tasks.append(asyncio.create_task(self.send(session, i, due)))
+            tasks.append(asyncio.create_task(self.send(client, i, due)))
 
-    async def send(self, session: aiohttp.ClientSession, i: int, due: float) -> None:
+    async def send(self, client: HttpClient, i: int, due: float) -> None:
         body, headers = self.payloads[self.image_of[i] % len(self.payloads)]
         self.sent_at[i] = sent = time.perf_counter()
         fields: dict[str, Any] = {"sent_s": sent - self.start}
         try:
-            async with session.post(self.config.endpoint, data=body, headers=headers) as response:
-                payload = await response.read()
-                status, reply_headers = response.status, response.headers
+            reply = await client.post(self.path, body, headers, self.config.timeout_s)
+            payload, status, reply_headers = reply.body, reply.status, CIMultiDict(reply.headers)
             self.done_at[i] = done = time.perf_counter()
             fields["latency_s"] = done - due
             if status != 200:
@@ -329,7 +336,7 @@ class _Run:
         except TimeoutError:
             self.done_at[i] = time.perf_counter()
             self._record(i, "timeout", **fields)
-        except aiohttp.ClientError:
+        except (OSError, ProtocolError):  # refused, reset, or not HTTP at all
             self.done_at[i] = time.perf_counter()
             self._record(i, "connection", **fields)
         finally:
@@ -394,20 +401,21 @@ async def run_load(config: LoadConfig, images: np.ndarray, labels: np.ndarray) -
         raise ConfigError(f"need one label per image: {len(images)} images, labels of shape {labels.shape}")
     run = _Run(config, images, labels)
     overall = config.overall_timeout_s or float(run.offsets[-1]) + config.timeout_s + 5.0
-    connector = aiohttp.TCPConnector(limit=config.max_in_flight)
-    timeout = aiohttp.ClientTimeout(total=config.timeout_s)
+    # The lean keep-alive client of the front end: the generator shares the machine with what
+    # it measures, so its CPU per request is taken from the system under test.
+    client = HttpClient(config.url)
     tasks: list[asyncio.Task] = []
-    headers = {"Authorization": f"Bearer {config.token}"} if config.token else None
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout, headers=headers) as session:
-        try:
-            async with asyncio.timeout(overall + _START_LEAD_S):
-                await run.schedule(session, tasks)
-                await asyncio.gather(*tasks)
-        except TimeoutError:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-        ended = time.perf_counter()
+    try:
+        async with asyncio.timeout(overall + _START_LEAD_S):
+            await run.schedule(client, tasks)
+            await asyncio.gather(*tasks)
+    except TimeoutError:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    finally:
+        client.close()
+    ended = time.perf_counter()
     return run.finish(ended)
 
 
