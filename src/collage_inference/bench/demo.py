@@ -1,8 +1,8 @@
-"""`collage demo`: the whole idea in about two minutes, on the shipped models.
+"""`collage demo`: the whole idea in about two and a half minutes, on the shipped models.
 
 It starts the local cluster once per redundancy mode (9 s-CNN workers and one 3x3 collage
 worker for collage mode), sends every mode the same open-loop load, images and straggler
-samples, and prints the table with the p99 ratios that the benchmark-harness issue targets.
+samples, and prints the table with the p99 ratios against their targets.
 The stragglers come from the published cloud latency trace when ``../shared/traces/`` holds it
 (scaled 0.1x so the demo is short), and from the bimodal model fitted to that trace otherwise,
 so the demo works on a fresh clone. The report folder (results.json, summary.md, plots) is
@@ -30,6 +30,7 @@ def demo_config(models_dir: Path = DEFAULT_MODELS_DIR, trace_path: Path = TRACE_
         requests=QUICK["requests"],
         warmup=QUICK["warmup"],
         sweep=QUICK["sweep"],
+        bracket=QUICK["bracket"],
         models_dir=models_dir,
         quick=True,
         command="collage demo",

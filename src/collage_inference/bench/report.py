@@ -7,7 +7,7 @@ synthetic dict in a unit test) without running anything::
     write_report(json.loads(Path("runs/X/results.json").read_text()), Path("runs/X"))
 
 Why the ratios are computed here and not in the harness: the claim a benchmark makes (the
-targets of the benchmark-harness issue, below) must be checked the same way whether the numbers
+targets below) must be checked the same way whether the numbers
 come from a fresh run or a stored one.
 
 | target | meaning |
@@ -21,6 +21,11 @@ come from a fresh run or a stored one.
 | extra cost(collage) ~ 1/k | one collage worker per k s-CNN workers |
 
 The s-CNN accuracy is the ``reference`` run's (mode none, no stragglers) on the same images.
+A missed target gets a reason computed from the same run (:func:`miss_reasons`): the bound
+that the straggler samples themselves set (``ideal``: one draw against the faster of two,
+plus the measured serving overhead), replicate-all's measured figures (two independent draws
+per request, the best any backup path can do), the re-issued calls per request and the mean
+group size.
 The plots use matplotlib's Agg backend (no display needed).
 """
 
@@ -107,6 +112,164 @@ def compute_targets(scenario: Mapping[str, Any]) -> list[Target]:
     ]
 
 
+def _num(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) and math.isfinite(value) else None
+
+
+def miss_reasons(scenario: Mapping[str, Any], targets: Sequence[Target]) -> dict[str, str]:
+    """Why each missed target was missed, from the figures of the same run (name -> sentence)."""
+    modes, ideal = scenario["modes"], scenario.get("ideal") or {}
+    p99 = {m: _stat(modes, m, "p99_ms") for m in MODE_ORDER}
+    std = {m: _stat(modes, m, "std_ms") for m in MODE_ORDER}
+    collage = modes.get("collage", {})
+    n = _num(collage.get("mean_group_size"))
+    group = f"{n:.1f} requests per collage on average" if n else "partly filled collages"
+    none_p50, one_p50 = _stat(modes, "none", "p50_ms"), _num(ideal.get("p50_one_ms"))
+    overhead = max(none_p50 - one_p50, 0.0) if none_p50 is not None and one_p50 is not None else None
+    rall = p99["replicate-all"]
+
+    def versus_all(mode: str) -> str:
+        r = _ratio(p99[mode], rall)
+        return f"{mode} p99 is {r:.2f}x replicate-all's ({rall:.1f} ms)" if r else ""
+
+    noisy = rall is not None and p99["collage"] is not None and rall > p99["collage"]
+    if noisy or rall is None:
+        bound_all = (
+            f"replicate-all did worse than collage on this run (p99 {_fmt(rall)} against "
+            f"{_fmt(p99['collage'])} ms): its 2k workers share the same CPUs, so this run's tails carry "
+            "CPU contention as well as stragglers, and replicate-all bounds nothing here"
+            if rall is not None
+            else "replicate-all was not run, so there is no measured bound"
+        )
+    else:
+        bound_all = ""
+
+    def gap_to_all(mode: str) -> str:
+        if bound_all:
+            return bound_all
+        return (
+            f"{versus_all(mode)}; collage's p99 is at best about replicate-all's (two independent "
+            f"draws), so the ratio is at most about {_fmt(_ratio(p99[mode], rall), 2)}x, and collage "
+            f"sits at {_fmt(_ratio(p99['collage'], rall), 2)}x replicate-all"
+        )
+
+    backup = (
+        f"collage's backup first waits for its group to close ({group}; the deadline is at most half "
+        "the median primary latency) and then queues on the one collage worker, which straggles "
+        "like the others, while replicate-all sends its second copy at once"
+    )
+    why: dict[str, str] = {}
+    for t in targets:
+        if t.met is not False:
+            continue
+        if t.name.startswith("p99 replicate"):
+            rep = modes.get("replicate", {})
+            calls = _num(rep.get("reissued_per_request"))
+            reissued = f", re-issuing {calls:.2f} calls per request" if calls is not None else ""
+            why[t.name] = (
+                f"the best replicate timeout ({_fmt(rep.get('replicate_timeout_ms'), 0)} ms{reissued}) "
+                "re-issues a straggler at a cost of little queueing at this load, so its p99 is about "
+                f"that timeout plus one fresh call; {gap_to_all('replicate')}"
+            )
+        elif t.name.startswith("p99 hedge"):
+            calls = _num(modes.get("hedge", {}).get("reissued_per_request"))
+            reissued = f" ({calls:.2f} calls per request)" if calls is not None else ""
+            why[t.name] = (
+                f"hedge re-issues past the running p95{reissued}, so its p99 is about that p95 plus one "
+                f"fresh call; {gap_to_all('hedge')}"
+            )
+        elif t.name.startswith("p99 none"):
+            bound = ""
+            if overhead is not None and ideal.get("p99_one_ms") and ideal.get("p99_min2_ms"):
+                b = (ideal["p99_one_ms"] + overhead) / (ideal["p99_min2_ms"] + overhead)
+                bound = (
+                    f"the samples bound any backup to {b:.2f}x (p99 of one draw {ideal['p99_one_ms']:.1f} ms "
+                    f"against the faster of two {ideal['p99_min2_ms']:.1f} ms, each plus the "
+                    f"{overhead:.1f} ms serving overhead measured as p50(none) minus the samples' p50); "
+                )
+            why[t.name] = (
+                f"{bound}{bound_all or 'measured, p99 none / p99 replicate-all is '}"
+                f"{'' if bound_all else _fmt(_ratio(p99['none'], rall), 2) + 'x'}; {backup}"
+            )
+        elif t.name.startswith("std none"):
+            bound = ""
+            if ideal.get("std_one_ms") and ideal.get("std_min2_ms"):
+                b = ideal["std_one_ms"] / ideal["std_min2_ms"]
+                bound = (
+                    f"the samples bound the ratio to {b:.2f}x (std of one draw against the faster of two); "
+                )
+            why[t.name] = (
+                f"{bound}measured, std none / std replicate-all is "
+                f"{_fmt(_ratio(std['none'], std['replicate-all']), 2)}x (the serving overhead's own jitter "
+                f"adds to every mode's spread); {backup}"
+            )
+        elif t.name.startswith("p99 collage"):
+            why[t.name] = backup
+        elif t.name.startswith("accuracy"):
+            share = collage.get("sources", {}).get("collage", 0.0)
+            why[t.name] = (
+                f"the collage answered {share:.1%} of requests, each at the collage-CNN's lower "
+                "per-cell accuracy"
+            )
+        else:
+            why[t.name] = "the collage mode ran with another number of collage workers than one per k"
+    return why
+
+
+def reasons_block(scenario: Mapping[str, Any], targets: Sequence[Target]) -> str:
+    why = miss_reasons(scenario, targets)
+    if not why:
+        return ""
+    return "Why the misses:\n\n" + "\n".join(f"- {name}: {text}." for name, text in why.items())
+
+
+def ideal_line(scenario: Mapping[str, Any]) -> str:
+    ideal = scenario.get("ideal")
+    if not ideal:
+        return ""
+    return (
+        f"The straggler samples alone (no serving overhead): p50 {ideal['p50_one_ms']:.1f} ms, p90 "
+        f"{ideal['p90_one_ms']:.1f} ms, p99 {ideal['p99_one_ms']:.1f} ms; the faster of two independent "
+        f"draws: p99 {ideal['p99_min2_ms']:.1f} ms "
+        f"({ideal['p99_one_ms'] / ideal['p99_min2_ms']:.2f}x lower), "
+        f"std {ideal['std_one_ms']:.1f} against {ideal['std_min2_ms']:.1f} ms "
+        f"({ideal['std_one_ms'] / ideal['std_min2_ms']:.2f}x)."
+    )
+
+
+BUSY_RUN = 0.25  # other work above this share of the CPUs during a run: the run is flagged
+
+
+def others_line(scenario: Mapping[str, Any]) -> str:
+    """How much of the CPUs work other than the benchmark took during each run (when recorded)."""
+    shares = [(name, _num(run.get("others_cpu_share"))) for name, run in _runs(scenario)]
+    shares = [(name, v) for name, v in shares if v is not None]
+    if not shares:
+        return ""
+    busy = [name for name, v in shares if v > BUSY_RUN]
+    text = ", ".join(f"{name} {v:.0%}" for name, v in shares)
+    flag = (
+        f" Runs that shared the machine (over {BUSY_RUN:.0%}): {', '.join(busy)}; their latencies "
+        "carry other work's CPU contention, not only stragglers."
+        if busy
+        else ""
+    )
+    return f"Other work on the CPUs during each run (share of all CPUs): {text}.{flag}"
+
+
+def load_line(scenario: Mapping[str, Any]) -> str:
+    """Re-issued calls and collage fill, from the front end's counters (when recorded)."""
+    parts = []
+    for mode in ("replicate", "hedge"):
+        calls = _num(scenario["modes"].get(mode, {}).get("reissued_per_request"))
+        if calls is not None:
+            parts.append(f"{mode} re-issued {calls:.2f} s-CNN calls per request")
+    n = _num(scenario["modes"].get("collage", {}).get("mean_group_size"))
+    if n is not None:
+        parts.append(f"collage groups held {n:.2f} requests on average (k = {scenario['grid'] ** 2})")
+    return ("Extra work: " + "; ".join(parts) + ".") if parts else ""
+
+
 # --- markdown ------------------------------------------------------------------------------------
 
 
@@ -173,7 +336,15 @@ def sweep_line(scenario: Mapping[str, Any]) -> str:
     rep = scenario["modes"].get("replicate")
     if not rep or not rep.get("sweep"):
         return ""
-    points = ", ".join(f"{p['timeout_ms']:.0f} ms -> p99 {p['p99_ms']:.1f}" for p in rep["sweep"])
+    points = ", ".join(
+        f"{p['timeout_ms']:.0f} ms -> p99 {p['p99_ms']:.1f}"
+        + (
+            f" ({p['reissued_per_request']:.2f} re-issued/req)"
+            if p.get("reissued_per_request") is not None
+            else ""
+        )
+        for p in rep["sweep"]
+    )
     return f"Replicate timeout sweep (best: {rep['replicate_timeout_ms']:.0f} ms): {points}."
 
 
@@ -209,6 +380,11 @@ def render_summary(results: Mapping[str, Any]) -> str:
         f"- load: {load['arrival']} arrivals at {load['rate_rps']:g} req/s, {load['requests']} measured "
         f"requests per run after {load['warmup']} warm-up, arrival seed {load['seed']}; "
         f"straggler seed {results['slowdown_seed']} (worker i draws with seed + i, the same in every mode)",
+        *(
+            ["- PARTIAL: the run was still going; only the scenarios below are done"]
+            if results.get("partial")
+            else []
+        ),
         f"- collage worker straggles too: {'yes' if results.get('straggle_collage') else 'no'}; "
         f"repeats per run: {results.get('repeats', 1)} (medians shown)",
     ]
@@ -223,7 +399,15 @@ def render_summary(results: Mapping[str, Any]) -> str:
             "",
             sweep_line(sc),
             "",
-            target_table([Target(**_target_args(t)) for t in sc["targets"]]),
+            load_line(sc),
+            "",
+            others_line(sc),
+            "",
+            ideal_line(sc),
+            "",
+            target_table(targets := [Target(**_target_args(t)) for t in sc["targets"]]),
+            "",
+            reasons_block(sc, targets),
             "",
             f"![latency CDF](cdf-{sc['name']}.png) ![p99 and p99.9](tail-{sc['name']}.png)",
         ]
@@ -373,7 +557,8 @@ def console_summary(results: Mapping[str, Any]) -> str:
         targets = [Target(**_target_args(t)) for t in sc["targets"]]
         head = f"\n== {sc['name']}: {short_spec(sc['spec'])} ({sc['kind']}), S = {sc['grid']}"
         parts += [head, mode_table(sc)]
-        parts += [sweep_line(sc), target_table(targets)]
+        parts += [sweep_line(sc), load_line(sc), others_line(sc), ideal_line(sc), target_table(targets)]
+        parts += [reasons_block(sc, targets)]
     sweep = full.get("grid_sweep")
     if sweep and sweep.get("points"):
         parts += [f"\n== grid size sweep (collage mode, {sweep['scenario']})", grid_table(sweep)]

@@ -9,12 +9,17 @@ import pytest
 
 from collage_inference.bench.compare import (
     BenchConfig,
+    Harness,
+    Images,
     RunSpec,
+    Scenario,
     build_parser,
     builtin_scenarios,
     cdf_points,
     config_from_args,
+    cpu_account,
     median_run,
+    others_share,
     serve_overrides,
 )
 from collage_inference.config import load_config
@@ -39,7 +44,7 @@ def test_quick_is_one_scenario_at_s3_with_a_short_sweep(tmp_path: Path) -> None:
 def test_full_plan_counts_the_grid_sweep(tmp_path: Path) -> None:
     cfg = config(["--trace", str(tmp_path / "missing.npy")])
     assert [s.name for s in cfg.scenarios] == ["bimodal", "pareto", "per-instance"]
-    assert cfg.runs() == 3 * (1 + 5 + 4) + 2
+    assert cfg.runs() == 3 * (1 + 5 + 5) + 2
 
 
 @pytest.mark.parametrize(
@@ -83,3 +88,50 @@ def test_median_run_reports_medians_and_spread() -> None:
         r.update({k: 1.0 for k in ("p50_ms", "p90_ms", "p999_ms", "mean_ms", "max_ms", "throughput_rps")})
     out = median_run(runs)
     assert out["p99_ms"] == 20.0 and out["spread"]["p99_ms"] == [10.0, 30.0] and out["repeats"] == 3
+
+
+def _fake_harness(sweep: tuple[float, ...], bracket: int, best_ms: float) -> tuple[Harness, list[float]]:
+    """A harness whose replicate runs report p99 = |timeout - best_ms| + 30 without a cluster."""
+    cfg = BenchConfig(scenarios=(Scenario("s", "bimodal:0.1"),), sweep=sweep, bracket=bracket)
+    images = Images(np.zeros((1, 28, 28), np.uint8), np.zeros(1, np.int64), "test")
+    harness = Harness(cfg, images, log=lambda _: None)
+    timeouts: list[float] = []
+
+    def measure(spec: RunSpec) -> dict:
+        assert spec.replicate_timeout is not None
+        timeouts.append(spec.replicate_timeout * 1e3)
+        p99 = abs(spec.replicate_timeout * 1e3 - best_ms) + 30.0
+        return {"p50_ms": 20.0, "p99_ms": p99, "p999_ms": p99, "std_ms": 1.0, "reissued_per_request": 0.1}
+
+    harness.measure = measure  # type: ignore[method-assign]
+    return harness, timeouts
+
+
+def test_replicate_sweep_extends_past_an_end_that_holds_the_best() -> None:
+    harness, timeouts = _fake_harness((1.0, 2.0), bracket=2, best_ms=5.0)
+    out = harness.replicate_sweep(harness.config.scenarios[0], 3, fast_ms=20.0)
+    assert timeouts == [20.0, 40.0, 12.0, 7.0]  # 20 ms * 0.6, then * 0.6 again (rounded)
+    assert out["replicate_timeout_ms"] == pytest.approx(7.0)
+    assert [p["timeout_ms"] for p in out["sweep"]] == pytest.approx([7.0, 12.0, 20.0, 40.0])
+    assert out["sweep"][0]["reissued_per_request"] == 0.1
+
+
+def test_replicate_sweep_stops_once_the_best_is_inside() -> None:
+    harness, timeouts = _fake_harness((1.0, 2.0), bracket=2, best_ms=70.0)
+    out = harness.replicate_sweep(harness.config.scenarios[0], 3, fast_ms=20.0)
+    assert timeouts == [20.0, 40.0, 64.0, 102.0]  # upward: 2 * 1.6, then 3.2 * 1.6
+    assert out["replicate_timeout_ms"] == pytest.approx(64.0)
+    harness, timeouts = _fake_harness((1.0, 2.0, 3.0), bracket=2, best_ms=40.0)
+    harness.replicate_sweep(harness.config.scenarios[0], 3, fast_ms=20.0)
+    assert timeouts == [20.0, 40.0, 60.0]  # interior best: nothing added
+    harness, timeouts = _fake_harness((2.0,), bracket=2, best_ms=5.0)
+    harness.replicate_sweep(harness.config.scenarios[0], 3, fast_ms=20.0)
+    assert timeouts == [40.0]  # one point: nothing to bracket
+
+
+def test_others_share_subtracts_our_own_cpu_time() -> None:
+    # 10 CPU-seconds elapsed, 6 busy, 2 of them ours: others took 40%
+    assert others_share((100.0, 1000.0, 5.0), (106.0, 1010.0, 7.0)) == pytest.approx(0.4)
+    assert others_share((100.0, 1000.0, 5.0), (101.0, 1010.0, 9.0)) == 0.0  # clamped
+    assert others_share(None, (1.0, 2.0, 3.0)) is None
+    assert cpu_account() is None or len(cpu_account()) == 3

@@ -13,8 +13,11 @@ from collage_inference.bench.report import (
     Target,
     compute_targets,
     console_summary,
+    miss_reasons,
+    others_line,
     render_summary,
     short_spec,
+    with_targets,
     write_report,
 )
 
@@ -182,3 +185,40 @@ def test_no_grid_sweep_no_sweep_plot(tmp_path: Path) -> None:
 def test_short_spec() -> None:
     assert short_spec("trace:/a/b/t.npy:0.1") == "trace:t.npy:0.1"
     assert short_spec("bimodal:0.1") == "bimodal:0.1"
+
+
+def test_a_missed_target_says_why_from_the_same_run() -> None:
+    sc = scenario()
+    sc["ideal"] = {"p50_one_ms": 13.8, "p90_one_ms": 18.9, "p99_one_ms": 70.2, "p99_min2_ms": 18.9,
+                   "std_one_ms": 8.6, "std_min2_ms": 2.6}  # fmt: skip
+    sc["modes"]["collage"]["mean_group_size"] = 1.4
+    sc["modes"]["none"]["p99_ms"] = 60.0  # none / collage = 2: missed
+    why = miss_reasons(sc, compute_targets(sc))
+    assert set(why) == {"p99 hedge / p99 collage", "p99 none / p99 collage"}  # std: 15 / 5 = 3, met
+    assert "1.4 requests per collage" in why["p99 none / p99 collage"]
+    assert "bound any backup to" in why["p99 none / p99 collage"]
+    assert "p99 is 1.43x replicate-all's" in why["p99 hedge / p99 collage"]
+    text = render_summary(with_targets(results([sc])))
+    assert "Why the misses:" in text and "The straggler samples alone" in text
+
+
+def test_replicate_all_worse_than_collage_is_called_contention() -> None:
+    sc = scenario()
+    sc["modes"]["replicate-all"]["p99_ms"] = 45.0
+    why = miss_reasons(sc, compute_targets(sc))
+    assert "replicate-all did worse than collage" in why["p99 hedge / p99 collage"]
+
+
+def test_runs_that_shared_the_machine_are_named() -> None:
+    sc = scenario()
+    sc["modes"]["none"]["others_cpu_share"] = 0.02
+    sc["modes"]["hedge"]["others_cpu_share"] = 0.4
+    line = others_line(sc)
+    assert "none 2%" in line and "hedge 40%" in line
+    assert "shared the machine (over 25%): hedge;" in line
+    assert others_line(scenario()) == ""
+
+
+def test_a_partial_run_says_so() -> None:
+    assert "PARTIAL" in render_summary(with_targets({**results(), "partial": True}))
+    assert "PARTIAL" not in render_summary(with_targets(results()))
