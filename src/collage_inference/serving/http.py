@@ -7,7 +7,8 @@
 :func:`read_body` reads a request body within a size and a time limit, so neither a huge nor a
 slow client can hold a server's memory or its sockets. :func:`serve_app` runs an app until
 SIGTERM or SIGINT and prints ``ready on http://HOST:PORT`` once listening, the line launchers
-wait for.
+wait for; :func:`run` runs a server's (or a client's) main coroutine on uvloop where it is
+installed.
 """
 
 from __future__ import annotations
