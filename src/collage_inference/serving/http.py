@@ -117,8 +117,12 @@ def load_token(token_file: Path | str | None = None) -> str | None:
             raise ConfigError(f"cannot read the token file {token_file}: {exc.strerror}") from exc
         if not token:
             raise ConfigError(f"the token file {token_file} is empty; put the shared token in it")
-        return token
-    return os.environ.get(TOKEN_ENV) or None
+    else:
+        token = os.environ.get(TOKEN_ENV) or ""
+    if any(c.isspace() or not c.isprintable() for c in token):
+        where = token_file or f"${TOKEN_ENV}"
+        raise ConfigError(f"the token in {where} holds spaces or control characters; use one word")
+    return token or None
 
 
 def server_middlewares(token: str | None) -> list:
