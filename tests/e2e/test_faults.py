@@ -18,13 +18,13 @@ from collage_inference.bench.faults import (
     PHASES,
     fetch_metrics,
     format_accounting,
-    metric,
     run_fault_suite,
     run_soak,
 )
 from collage_inference.bench.loadgen import LoadConfig, run_load
 from collage_inference.config import ServeConfig, SlowdownSettings
 from collage_inference.serving.cluster import LocalCluster
+from collage_inference.serving.metrics import metric_total
 
 pytestmark = pytest.mark.slow
 
@@ -123,7 +123,7 @@ def test_a_worker_whose_port_was_taken_comes_back_elsewhere(models_dir: Path, fa
             async with aiohttp.ClientSession() as session:
                 for _ in range(100):
                     found = await fetch_metrics(session, cluster.url)
-                    if metric(found, "collage_worker_up", f'url="{new}"') == 1:
+                    if metric_total(found, "collage_worker_up", f'url="{new}"') == 1:
                         return found
                     await asyncio.sleep(0.1)
             raise AssertionError("the front end never used the new address")

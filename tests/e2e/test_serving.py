@@ -27,7 +27,7 @@ from PIL import Image
 
 from collage_inference.config import ServeConfig, SlowdownSettings
 from collage_inference.serving.cluster import LocalCluster, running
-from collage_inference.serving.metrics import parse_metrics
+from collage_inference.serving.metrics import metric_total, parse_metrics
 from collage_inference.serving.modes import MODES
 from collage_inference.serving.protocol import (
     HEADER_LENGTH,
@@ -70,7 +70,7 @@ def first_run(cluster: LocalCluster, fashion_test) -> dict[str, Any]:
         sending = asyncio.create_task(send(url, fashion_test.images[:IMAGES]))
         while not sending.done():
             text = await _get_text(f"{url}/metrics")
-            at_slow.append(total(parse_metrics(text), "collage_worker_outstanding", 'worker="scnn-0"'))
+            at_slow.append(metric_total(parse_metrics(text), "collage_worker_outstanding", 'worker="scnn-0"'))
             await asyncio.sleep(0.05)
         return {"answers": await sending, "at_slow": at_slow}
 
@@ -134,10 +134,6 @@ def metrics(url: str) -> dict[tuple[str, str], float]:
     return parse_metrics(asyncio.run(_get_text(f"{url}/metrics")))
 
 
-def total(found: dict[tuple[str, str], float], name: str, labels: str = "") -> float:
-    return sum(v for (n, lab), v in found.items() if n == name and labels in lab)
-
-
 async def _get_text(url: str) -> str:
     async with aiohttp.ClientSession() as session, session.get(url) as resp:
         return await resp.text()
@@ -167,16 +163,17 @@ def test_every_request_answered_once_and_accurately(first_run: dict[str, Any], f
     accuracy = float(np.mean([a["label"] == y for a, y in zip(answers, labels, strict=True)]))
     assert accuracy >= 0.9, (accuracy, Counter(a["source"] for a in answers))
     delta = {k: after.get(k, 0) - before.get(k, 0) for k in after}
-    assert total(delta, "nv_inference_request_success") == IMAGES
-    assert total(delta, "collage_answers_total") == IMAGES
+    assert metric_total(delta, "nv_inference_request_success") == IMAGES
+    assert metric_total(delta, "collage_answers_total") == IMAGES
     assert (
-        total(delta, "nv_inference_request_failure") == 0 and total(delta, "collage_bad_requests_total") == 0
+        metric_total(delta, "nv_inference_request_failure") == 0
+        and metric_total(delta, "collage_bad_requests_total") == 0
     )
     sources = Counter(a["source"] for a in answers)
     for source, count in sources.items():
-        assert total(delta, "collage_answers_total", f'source="{source}"') == count
-    assert total(delta, "collage_group_size_total") >= IMAGES / (GRID * GRID)  # a collage per group
-    assert total(after, "collage_requests_in_flight") == 0
+        assert metric_total(delta, "collage_answers_total", f'source="{source}"') == count
+    assert metric_total(delta, "collage_group_size_total") >= IMAGES / (GRID * GRID)  # a collage per group
+    assert metric_total(after, "collage_requests_in_flight") == 0
 
 
 def test_straggling_worker_is_answered_by_the_collage(first_run: dict[str, Any]) -> None:
@@ -233,7 +230,7 @@ def test_bad_inputs_get_4xx_with_a_message_and_serving_goes_on(cluster: LocalClu
     assert status == 413 and "exceeds" in text
     answers = asyncio.run(send(cluster.url, fashion_test.images[:4]))  # still serving
     assert len(answers) == 4
-    delta = total(metrics(cluster.url), "collage_bad_requests_total") - total(
+    delta = metric_total(metrics(cluster.url), "collage_bad_requests_total") - metric_total(
         before, "collage_bad_requests_total"
     )
     assert delta == len(cases) + 1
@@ -251,7 +248,7 @@ def test_killed_worker_loses_no_request_and_comes_back(cluster: LocalCluster, fa
         for _ in range(int(seconds / 0.02)):
             found = parse_metrics(await _get_text(f"{url}/metrics"))
             for i in range(1, len(cluster.scnn)):
-                load[i] += total(found, "collage_worker_outstanding", f'worker="scnn-{i}"')
+                load[i] += metric_total(found, "collage_worker_outstanding", f'worker="scnn-{i}"')
             await asyncio.sleep(0.02)
         return max(load, key=lambda i: (load[i], -i))
 
@@ -276,10 +273,12 @@ def test_killed_worker_loses_no_request_and_comes_back(cluster: LocalCluster, fa
     assert any(f"scnn-{victim} exited" in e for e in cluster.events)
     name = f'worker="scnn-{victim}"'
     deadline = time.monotonic() + 20  # the front end's probe sees it back
-    while (after := metrics(url)) and total(after, "collage_worker_up", name) != 1:
+    while (after := metrics(url)) and metric_total(after, "collage_worker_up", name) != 1:
         assert time.monotonic() < deadline, "the front end never saw the restarted worker"
         time.sleep(0.2)
-    errors = total(after, "collage_worker_errors_total") - total(before, "collage_worker_errors_total")
+    errors = metric_total(after, "collage_worker_errors_total") - metric_total(
+        before, "collage_worker_errors_total"
+    )
     assert errors >= 1  # the kill did hit calls (answered by the collage or re-issued instead)
     assert status_of(f"{old_urls[victim]}/v2/models/scnn/ready") == 200  # the same URL serves again
     answers = asyncio.run(send(url, fashion_test.images[:BURST]))

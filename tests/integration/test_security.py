@@ -8,12 +8,11 @@ from __future__ import annotations
 import json
 import socket
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
+from test_worker import call  # the integration tests' HTTP helper
 
 from collage_inference.config import ServeConfig
 from collage_inference.onnxfile import read_onnx_meta
@@ -26,16 +25,6 @@ TOKEN = "s3cret-token-for-tests"
 BODY, HEADERS = render_infer_request(
     InferRequest(None, (InferTensor.of("image", np.zeros((28, 28), np.uint8)),)), binary_inputs=True
 )
-
-
-def call(method: str, url: str, body: bytes | None = None, headers: dict | None = None):
-    """(status, headers, body) of one HTTP call; 4xx and 5xx are answers, not exceptions."""
-    request = urllib.request.Request(url, data=body, headers=headers or {}, method=method)
-    try:
-        with urllib.request.urlopen(request, timeout=30) as reply:
-            return reply.status, dict(reply.headers), reply.read()
-    except urllib.error.HTTPError as err:
-        return err.code, dict(err.headers), err.read()
 
 
 def test_worker_token_guards_everything_but_health(serving_models, worker_factory, tmp_path: Path) -> None:

@@ -34,6 +34,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from collage_inference.serving.metrics import metric_total, parse_metrics
+
 pytest.importorskip("ray")
 
 from collage_inference.config import RaySettings, ServeConfig, SlowdownSettings  # noqa: E402
@@ -144,7 +146,7 @@ def get(url: str) -> tuple[int, bytes]:
 
 
 def metric(text: str, name: str) -> float:
-    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + "{"))
+    return metric_total(parse_metrics(text), name)
 
 
 @pytest.fixture(scope="module")

@@ -48,7 +48,7 @@ from collage_inference.config import DEFAULT_MODELS_DIR, REPO_ROOT, ServeConfig,
 from collage_inference.data import load_dataset
 from collage_inference.errors import CollageError
 from collage_inference.serving.cluster import LocalCluster, ManagedProcess, wait_all_ready
-from collage_inference.serving.metrics import parse_metrics
+from collage_inference.serving.metrics import metric_total, parse_metrics
 
 CLEAR_STATUSES = ("429", "502", "503", "504")
 SOURCES = ("primary", "collage", "replica")
@@ -73,6 +73,8 @@ PHASES = (
     Phase("collage-down", 0.60, 0.80, "the collage worker drops every connection"),
     Phase("move", 0.80, 1.00, "an s-CNN worker restarts on a new port; the front end is told"),
 )
+
+COLLAGE_DOWN = [p.name for p in PHASES].index("collage-down")
 
 
 @dataclass
@@ -120,12 +122,18 @@ def account(records: tuple[RequestRecord, ...], span: float, phases: tuple[Phase
         overall.add(record)
         if record.warmup:
             continue
-        at = record.scheduled_s / span if span > 0 else 0.0
-        for phase, row in zip(phases, rows, strict=True):
-            if phase.start <= at < phase.end or (phase is phases[-1] and at >= phase.end):
-                row.add(record)
-                break
+        index = phase_index(record.scheduled_s / span if span > 0 else 0.0, phases)
+        if index is not None:
+            rows[index].add(record)
     return [*rows, overall]
+
+
+def phase_index(fraction: float, phases: tuple[Phase, ...]) -> int | None:
+    """The phase a point of the load's span (as a fraction) falls in; past the end, the last."""
+    for i, phase in enumerate(phases):
+        if phase.start <= fraction < phase.end:
+            return i
+    return len(phases) - 1 if phases and fraction >= phases[-1].end else None
 
 
 def format_accounting(rows: list[Accounting], duplicated: int) -> str:
@@ -156,14 +164,10 @@ async def fetch_metrics(session: aiohttp.ClientSession, url: str) -> dict[tuple[
         return parse_metrics(await response.text())
 
 
-def metric(found: dict[tuple[str, str], float], name: str, labels: str = "") -> float:
-    return sum(v for (n, lab), v in found.items() if n == name and labels in lab)
-
-
 def resolved_by_frontend(before: dict, after: dict) -> int:
     """Requests the front end settled (answered, failed, or shed) between two scrapes."""
     names = ("nv_inference_request_success", "nv_inference_request_failure", "collage_shed_total")
-    return int(sum(metric(after, n) - metric(before, n) for n in names))
+    return int(sum(metric_total(after, n) - metric_total(before, n) for n in names))
 
 
 def rss_mb(pid: int) -> float:
@@ -292,9 +296,11 @@ async def _faults_under_load(
                     doc = await response.json()
                 found = await fetch_metrics(session, url)
                 calls.append((time.perf_counter(), _scnn_calls(found)))
-                if _phase_at(time.perf_counter() - started, span) == "collage-down":
+                if phase_index((time.perf_counter() - started) / span, PHASES) == COLLAGE_DOWN:
                     seen["degraded"] |= bool(doc.get("degraded"))
-                    seen["collage_down"] |= metric(found, "collage_worker_up", 'worker="collage-0"') == 0
+                    seen["collage_down"] |= (
+                        metric_total(found, "collage_worker_up", 'worker="collage-0"') == 0
+                    )
                 await asyncio.sleep(0.1)
 
         watching = asyncio.create_task(watch())
@@ -352,13 +358,6 @@ def _index(worker_id: str) -> int:
     return int(worker_id.removeprefix("scnn-"))
 
 
-def _phase_at(elapsed: float, span: float) -> str | None:
-    for phase in PHASES:
-        if phase.start <= elapsed / span < phase.end:
-            return phase.name
-    return None
-
-
 async def _wait_all_up(
     session: aiohttp.ClientSession, url: str, cluster: LocalCluster, timeout: float
 ) -> float | None:
@@ -367,7 +366,7 @@ async def _wait_all_up(
     workers = len(cluster.scnn) + len(cluster.collage)
     while time.perf_counter() - start < timeout:
         found = await fetch_metrics(session, url)
-        if metric(found, "collage_worker_up") == workers:
+        if metric_total(found, "collage_worker_up") == workers:
             return time.perf_counter() - start
         await asyncio.sleep(0.2)
     return None
@@ -429,7 +428,7 @@ async def _soak(cluster: LocalCluster, test, capacity: float, factor: float, sec
         while not loading.done():
             peak = max(peak, rss_mb(pid))
             found = await fetch_metrics(session, url)
-            in_flight = max(in_flight, int(metric(found, "collage_requests_in_flight")))
+            in_flight = max(in_flight, int(metric_total(found, "collage_requests_in_flight")))
             await asyncio.sleep(0.5)
         result = await loading
         await asyncio.sleep(2.0)

@@ -27,7 +27,6 @@ import numpy as np
 from aiohttp import web
 from PIL import Image
 
-from collage_inference import __version__
 from collage_inference.errors import (
     CollageError,
     ConfigError,
@@ -42,6 +41,7 @@ from collage_inference.serving.frontend import FrontEnd, FrontEndConfig
 from collage_inference.serving.http import load_token, read_body, run, serve_app, server_middlewares
 from collage_inference.serving.modes import MODES, get_mode
 from collage_inference.serving.protocol import (
+    SERVER_METADATA,
     InferResponse,
     InferTensor,
     Limits,
@@ -124,12 +124,6 @@ def answer_json(answer: Answer) -> dict[str, Any]:
 # --- what the endpoints answer, framework-neutral ---------------------------------------------
 # Bytes and headers in, payload and headers out: the aiohttp handlers below and the Ray Serve
 # ingress (serving/ray/ingress.py) both call these, so both transports answer alike.
-
-SERVER_METADATA: dict[str, Any] = {
-    "name": "collage-inference",
-    "version": __version__,
-    "extensions": ["binary_tensor_data"],
-}
 
 
 async def classify_images(frontend: FrontEnd, images: list[np.ndarray]) -> list[Answer]:
@@ -234,10 +228,6 @@ def count_status(frontend: FrontEnd, status: int) -> None:
 
 
 # --- aiohttp handlers ------------------------------------------------------------------------
-
-
-async def _classify(request: web.Request, images: list[np.ndarray]) -> list[Answer]:
-    return await classify_images(request.app[FRONTEND], images)
 
 
 def _check_model(request: web.Request) -> None:

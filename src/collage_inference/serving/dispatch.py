@@ -86,6 +86,7 @@ class WorkerClient:
         self.id, self.model = worker_id, model
         self._session = session
         self._auth = {"Authorization": f"Bearer {token}"} if token else {}
+        self._http: HttpClient | None = None
         self.retarget(url)
         self.outstanding = 0
         self.up = True
@@ -96,7 +97,7 @@ class WorkerClient:
     def retarget(self, url: str) -> None:
         """Point this client at a new address (the worker restarted elsewhere); calls in flight
         finish against the old one. It counts as down until its readiness probe answers."""
-        if getattr(self, "_http", None) is not None:
+        if self._http is not None:
             self._http.close()
         self.url = url.rstrip("/")
         # The hot path (infer) goes through the lean client; metadata and probes through aiohttp.

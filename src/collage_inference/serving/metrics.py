@@ -160,6 +160,11 @@ class Metrics:
 _SAMPLE = re.compile(r"(\w+)(?:\{(.*)\})? (\S+)")
 
 
+def metric_total(found: dict[tuple[str, str], float], name: str, labels: str = "") -> float:
+    """The sum of the samples of ``name`` (from :func:`parse_metrics`) whose labels contain ``labels``."""
+    return sum(v for (n, lab), v in found.items() if n == name and labels in lab)
+
+
 def parse_metrics(text: str) -> dict[tuple[str, str], float]:
     """Exposition text back to {(name, labels): value}, for clients, tests and the harness."""
     found = {}

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from collage_inference import __version__
 from collage_inference.errors import PayloadTooLargeError, ProtocolError
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -55,6 +56,13 @@ _REQUEST_FIELDS = frozenset({"id", "parameters", "inputs", "outputs"})
 _RESPONSE_FIELDS = frozenset({"model_name", "model_version", "id", "parameters", "outputs"})
 _TENSOR_FIELDS = frozenset({"name", "shape", "datatype", "parameters", "data"})
 _OUTPUT_REQUEST_FIELDS = frozenset({"name", "parameters"})
+
+
+SERVER_METADATA: dict[str, Any] = {
+    "name": "collage-inference",
+    "version": __version__,
+    "extensions": ["binary_tensor_data"],
+}  # what ``GET /v2`` answers on every server of the project
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,6 @@ from typing import Any
 import numpy as np
 from aiohttp import web
 
-from collage_inference import __version__
 from collage_inference.errors import (
     CollageError,
     ConfigError,
@@ -50,6 +49,7 @@ from collage_inference.errors import (
 from collage_inference.serving.http import load_token, read_body, run, serve_app, server_middlewares
 from collage_inference.serving.protocol import (
     HEADER_LENGTH,
+    SERVER_METADATA,
     InferRequest,
     InferResponse,
     InferTensor,
@@ -293,9 +293,7 @@ async def _metrics(request: web.Request) -> web.Response:
 
 
 async def _server_metadata(request: web.Request) -> web.Response:
-    return web.json_response(
-        {"name": "collage-inference", "version": __version__, "extensions": ["binary_tensor_data"]}
-    )
+    return web.json_response(SERVER_METADATA)
 
 
 async def _live(request: web.Request) -> web.Response:

@@ -27,7 +27,6 @@ from starlette.responses import Response
 
 from collage_inference.errors import ConfigError, PayloadTooLargeError, ProtocolError, RequestTimeoutError
 from collage_inference.serving.api import (
-    SERVER_METADATA,
     check_model,
     count_status,
     infer_payload,
@@ -39,7 +38,7 @@ from collage_inference.serving.api import (
 from collage_inference.serving.dispatch import HEADER_LENGTH, WorkerPool
 from collage_inference.serving.frontend import FrontEnd, FrontEndConfig
 from collage_inference.serving.http import check_token, error_answer
-from collage_inference.serving.protocol import Limits
+from collage_inference.serving.protocol import SERVER_METADATA, Limits
 from collage_inference.serving.ray.transport import RayWorker
 
 _MODEL_PATH = re.compile(
