@@ -25,7 +25,8 @@ import sys
 import aiohttp
 from aiohttp import web
 
-from collage_inference.serving.http import run, serve_app
+from collage_inference.serving.http import run
+from collage_inference.serving.server import serve_app
 
 MODES = ("pass", "hang", "garbage", "down")
 CONTROL_PATH = "/_chaos"

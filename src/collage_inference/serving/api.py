@@ -20,6 +20,7 @@ import io
 import logging
 import sys
 import warnings
+from collections.abc import Mapping
 from typing import Any
 
 import aiohttp
@@ -38,7 +39,7 @@ from collage_inference.errors import (
 )
 from collage_inference.serving.dispatch import HEADER_LENGTH, WorkerClient, WorkerPool
 from collage_inference.serving.frontend import FrontEnd, FrontEndConfig
-from collage_inference.serving.http import load_token, read_body, run, serve_app, server_middlewares
+from collage_inference.serving.http import load_token, read_body, run, server_middlewares
 from collage_inference.serving.modes import MODES, get_mode
 from collage_inference.serving.protocol import (
     SERVER_METADATA,
@@ -48,6 +49,7 @@ from collage_inference.serving.protocol import (
     parse_infer_request,
     render_infer_response,
 )
+from collage_inference.serving.server import FAST_ROUTES, FastRoutes, serve_app
 from collage_inference.serving.types import Answer, DecoderPolicy
 
 log = logging.getLogger("collage_inference.serving")
@@ -345,6 +347,14 @@ def build_app(
     app.router.add_post("/predict", predict)
     app.router.add_get("/metrics", metrics)
     app.router.add_put("/admin/workers/{id}", move_worker)
+
+    async def fast_infer(body: bytes, headers: Mapping[str, str]) -> tuple[bytes, dict[str, str]]:
+        return await infer_payload(frontend, model_name, limits, body, headers.get(HEADER_LENGTH.lower()))
+
+    paths = (f"/v2/models/{model_name}/infer", f"/v2/models/{model_name}/versions/1/infer")
+    app[FAST_ROUTES] = FastRoutes(
+        dict.fromkeys(paths, fast_infer), limits, token, on_status=lambda s: count_status(frontend, s)
+    )
 
     async def lifecycle(app: web.Application):
         await frontend.start()

@@ -53,8 +53,9 @@ from urllib.parse import urlsplit
 import collage_inference
 from collage_inference.config import ServeConfig, SlowdownSettings, load_config
 from collage_inference.errors import CollageError, ConfigError, UnavailableError, WorkerError
-from collage_inference.serving.http import READY_PREFIX, load_token
+from collage_inference.serving.http import load_token
 from collage_inference.serving.modes import MODES
+from collage_inference.serving.server import READY_PREFIX
 
 if TYPE_CHECKING:
     from collage_inference.serving.ray.launcher import RayCluster

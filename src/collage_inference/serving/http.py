@@ -5,20 +5,17 @@
 ``Retry-After`` on 429 and 503), so a bad request never takes a server down.
 :func:`auth_middleware` guards a server with an optional shared bearer token.
 :func:`read_body` reads a request body within a size and a time limit, so neither a huge nor a
-slow client can hold a server's memory or its sockets. :func:`serve_app` runs an app until
-SIGTERM or SIGINT and prints ``ready on http://HOST:PORT`` once listening, the line launchers
-wait for; :func:`run` runs a server's (or a client's) main coroutine on uvloop where it is
-installed.
+slow client can hold a server's memory or its sockets. :func:`run` runs a server's (or a
+client's) main coroutine on uvloop where it is installed. How servers listen is
+:mod:`~collage_inference.serving.server`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import gc
 import hmac
 import logging
 import os
-import signal
 from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
@@ -38,7 +35,6 @@ from collage_inference.serving.protocol import Limits
 log = logging.getLogger("collage_inference.serving")
 T = TypeVar("T")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-READY_PREFIX = "ready on "
 TOKEN_ENV = "COLLAGE_TOKEN"
 RETRY_AFTER_S = "1"
 # Orchestrators probe liveness and readiness without credentials; they reveal nothing.
@@ -154,41 +150,3 @@ def run(main: Coroutine[Any, Any, T]) -> T:
     except ImportError:
         return asyncio.run(main)
     return uvloop.run(main)
-
-
-async def serve_app(app: web.Application, host: str, port: int, shutdown_timeout: float = 5.0) -> None:
-    """Serve ``app`` until SIGTERM/SIGINT; port 0 picks a free port, printed in the ready line.
-
-    On the signal the listening socket closes first, then requests in flight get up to
-    ``shutdown_timeout`` seconds to finish (the app's cleanup drains its own work), so a
-    graceful stop answers what it accepted.
-    """
-    # Everything built so far (modules, models, metadata) lives as long as the server: freeze it
-    # out of the collector's view, and collect the young generation less often, so that the
-    # per-request garbage collections stay short and rare (they show in the tail).
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(10_000, 20, 100)
-    runner = web.AppRunner(
-        app,
-        handle_signals=False,
-        access_log=None,
-        shutdown_timeout=shutdown_timeout,
-        keepalive_timeout=30.0,  # idle keep-alive connections do not hold sockets for ever
-    )
-    await runner.setup()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        try:
-            await web.TCPSite(runner, host, port, reuse_address=True).start()
-        except OSError as exc:
-            raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}; pick another --port") from exc
-        bound_port = runner.addresses[0][1]
-        shown = f"[{host}]" if ":" in host else host
-        print(f"{READY_PREFIX}http://{shown}:{bound_port}", flush=True)
-        await stop.wait()
-    finally:
-        await runner.cleanup()

@@ -30,6 +30,7 @@ import asyncio
 import logging
 import sys
 import time
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,7 +47,7 @@ from collage_inference.errors import (
     PayloadTooLargeError,
     ProtocolError,
 )
-from collage_inference.serving.http import load_token, read_body, run, serve_app, server_middlewares
+from collage_inference.serving.http import load_token, read_body, run, server_middlewares
 from collage_inference.serving.protocol import (
     HEADER_LENGTH,
     SERVER_METADATA,
@@ -58,6 +59,7 @@ from collage_inference.serving.protocol import (
     render_infer_response,
 )
 from collage_inference.serving.runtime import BACKENDS, BatchPrediction, ModelRunner, load_runner
+from collage_inference.serving.server import FAST_ROUTES, FastRoutes, serve_app
 from collage_inference.serving.slowdown import (
     CpuContention,
     Slowdown,
@@ -181,6 +183,14 @@ class Worker:
         job.add_done_callback(lambda _: loop.call_soon_threadsafe(self._release))
         return await asyncio.wrap_future(job)
 
+    async def handle_infer(self, body: bytes, header_length: str | None) -> tuple[bytes, dict[str, str]]:
+        """One V2 infer call: the request body (and its binary header length) to the answer's
+        body and headers. Both HTTP paths (the front door's and aiohttp's) call this."""
+        parsed = parse_infer_request(body, header_length, self.config.limits)
+        x, is_images = self.model_input(parsed)
+        result = await self.infer(x, is_images)
+        return render_infer_response(self.response(parsed, result), parsed)
+
     def _release(self) -> None:
         self._queued -= 1
         self.served += 1
@@ -269,12 +279,8 @@ WORKER = web.AppKey("worker", Worker)
 async def _infer(request: web.Request) -> web.Response:
     worker = request.app[WORKER]
     worker.check_model(request.match_info["name"], request.match_info.get("version"))
-    limits = worker.config.limits
-    body = await read_body(request, limits)
-    parsed = parse_infer_request(body, request.headers.get(HEADER_LENGTH), limits)
-    x, is_images = worker.model_input(parsed)
-    result = await worker.infer(x, is_images)
-    payload, headers = render_infer_response(worker.response(parsed, result), parsed)
+    body = await read_body(request, worker.config.limits)
+    payload, headers = await worker.handle_infer(body, request.headers.get(HEADER_LENGTH))
     return web.Response(body=payload, headers=headers)
 
 
@@ -334,6 +340,12 @@ def build_app(config: WorkerConfig) -> web.Application:
         app.router.add_get(prefix, _model_metadata)
         app.router.add_get(prefix + "/ready", _model_ready)
         app.router.add_post(prefix + "/infer", _infer)
+
+    async def fast_infer(body: bytes, headers: Mapping[str, str]) -> tuple[bytes, dict[str, str]]:
+        return await worker.handle_infer(body, headers.get(HEADER_LENGTH.lower()))
+
+    paths = (f"/v2/models/{worker.name}/infer", f"/v2/models/{worker.name}/versions/{VERSION}/infer")
+    app[FAST_ROUTES] = FastRoutes(dict.fromkeys(paths, fast_infer), config.limits, config.token)
 
     async def start_contention(app: web.Application) -> None:
         if worker.contention:
