@@ -111,6 +111,10 @@ def _check_side(image: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(image)
 
 
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1e3, 3)
+
+
 def answer_json(answer: Answer) -> dict[str, Any]:
     return {
         "label": answer.label,
@@ -133,6 +137,8 @@ async def classify_images(frontend: FrontEnd, images: list[np.ndarray]) -> list[
     if not images or len(images) > MAX_IMAGES_PER_CALL:
         raise ProtocolError(f"send between 1 and {MAX_IMAGES_PER_CALL} images per call, got {len(images)}")
     checked = [_check_side(image) for image in images]
+    if len(checked) == 1:  # the common case, without gather's task and future
+        return [await frontend.classify(checked[0])]
     return list(await asyncio.gather(*(frontend.classify(image) for image in checked)))
 
 
@@ -151,17 +157,22 @@ async def infer_payload(
     if len(parsed.inputs) != 1:
         raise ProtocolError(f"send exactly one input tensor (the image), got {len(parsed.inputs)}")
     answers = await classify_images(frontend, images_from_tensor(parsed.inputs[0]))
-    outputs = (
-        InferTensor.of("label", np.array([a.label for a in answers], np.int64)),
-        InferTensor.of("class_name", np.array([a.class_name for a in answers], object)),
-        InferTensor.of("confidence", np.array([a.confidence for a in answers], np.float32)),
-        InferTensor.of("source", np.array([str(a.source) for a in answers], object)),
+    shape = (len(answers),)
+    outputs = (  # built directly: InferTensor.of would infer what is known here
+        InferTensor("label", "INT64", shape, np.array([a.label for a in answers], np.int64)),
+        InferTensor("class_name", "BYTES", shape, np.array([a.class_name.encode() for a in answers], object)),
+        InferTensor("confidence", "FP32", shape, np.array([a.confidence for a in answers], np.float32)),
+        InferTensor("source", "BYTES", shape, np.array([a.source.encode() for a in answers], object)),
     )
     wanted = {r.name for r in parsed.outputs_requested}
     if wanted - {t.name for t in outputs}:
         raise ProtocolError(f"unknown outputs {sorted(wanted)}; have label, class_name, confidence, source")
     outputs = tuple(t for t in outputs if not wanted or t.name in wanted)
-    parameters = {"latency_ms": [round(a.latency * 1e3, 3) for a in answers]}
+    # Where each answer's time went: admission to answer, and the timings of the call that
+    # answered it (worker queue and compute, the front end's round trip, a patient hold).
+    parameters: dict[str, list[float | None]] = {"latency_ms": [round(a.latency * 1e3, 3) for a in answers]}
+    for key in sorted({k for a in answers for k in a.timings}):
+        parameters[f"{key}_ms"] = [_ms(a.timings.get(key)) for a in answers]
     response = InferResponse(model_name, outputs, parsed.id, "1", parameters)
     return render_infer_response(response, parsed)
 

@@ -291,6 +291,8 @@ class FrontEnd:
         return max(request.deadline - self.clock.now(), 0.001)
 
     def _cancel_calls(self, flight: _Flight) -> None:
+        if not flight.cancellable:
+            return
         current = asyncio.current_task()
         for task, worker in flight.cancellable:
             if task is not current and not task.done():

@@ -7,6 +7,8 @@ straggler detections, group sizes, late replies dropped, load shed, worker healt
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import re
 from collections import Counter
 from collections.abc import Iterable
@@ -27,7 +29,7 @@ class Metrics:
         self.duration_sum = 0.0
         self.queue_sum = 0.0
         self.compute_sum = 0.0
-        self.duration_buckets = [0] * len(DURATION_BUCKETS)
+        self.duration_counts = [0] * (len(DURATION_BUCKETS) + 1)  # the last one: above every bound
         self.group_sizes: Counter[int] = Counter()
         self.group_reasons: Counter[str] = Counter()
         self.reissues = 0
@@ -42,9 +44,8 @@ class Metrics:
         self.duration_sum += answer.latency
         self.queue_sum += answer.timings.get("queue", 0.0)
         self.compute_sum += answer.timings.get("compute", 0.0)
-        for i, bound in enumerate(DURATION_BUCKETS):
-            if answer.latency <= bound:
-                self.duration_buckets[i] += 1
+        # Counted in its one bucket here; the cumulative counts Prometheus wants are summed in render.
+        self.duration_counts[bisect.bisect_left(DURATION_BUCKETS, answer.latency)] += 1
 
     def observe_failure(self, status: int) -> None:
         self.failures[status] += 1
@@ -92,9 +93,8 @@ class Metrics:
             "Cumulative worker compute of answers",
             [(m, round(self.compute_sum * 1e6))],
         )
-        buckets = [
-            (f'{m},le="{b:g}"', c) for b, c in zip(DURATION_BUCKETS, self.duration_buckets, strict=True)
-        ]
+        cumulative = itertools.accumulate(self.duration_counts[:-1])
+        buckets = [(f'{m},le="{b:g}"', c) for b, c in zip(DURATION_BUCKETS, cumulative, strict=True)]
         lines += [
             "# HELP collage_request_duration_seconds End-to-end latency of answered requests",
             "# TYPE collage_request_duration_seconds histogram",

@@ -99,7 +99,7 @@ class InferTensor:
             if not datatype:
                 raise ProtocolError(f"tensor {name!r}: NumPy dtype {array.dtype} has no V2 datatype")
             data = array.astype(DATATYPES[datatype], copy=False)
-        return cls(name, datatype, tuple(int(d) for d in array.shape), data)
+        return cls(name, datatype, array.shape, data)
 
 
 @dataclass(frozen=True)
@@ -211,7 +211,7 @@ def _split_body(body: bytes, header_length: str | int | None, limits: Limits) ->
         if not 0 <= size <= len(body):
             raise ProtocolError(f"{HEADER_LENGTH}={size} lies outside the body of {len(body)} bytes")
     try:
-        doc = json.loads(bytes(body[:size]), parse_constant=_reject_constant)
+        doc = _JSON_DECODER.decode(bytes(body[:size]).decode())
     except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         hint = f" (is {HEADER_LENGTH} right?)" if header_length is not None else ""
         raise ProtocolError(f"the JSON header is malformed{hint}: {exc}") from None
@@ -224,7 +224,14 @@ def _reject_constant(name: str) -> float:
     raise ProtocolError(f"{name} is not valid JSON; send only finite numbers")
 
 
+# Built once: json.loads and json.dumps with options build a new decoder or encoder per call.
+_JSON_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+_JSON_ENCODER = json.JSONEncoder(allow_nan=False, separators=(",", ":"))
+
+
 def _check_fields(doc: dict, allowed: frozenset[str], where: str) -> None:
+    if doc.keys() <= allowed:
+        return
     unknown = sorted(set(doc) - allowed)
     if unknown:
         raise ProtocolError(
@@ -533,7 +540,7 @@ def _tensor_bytes(tensor: InferTensor) -> bytes:
 
 def _render_body(doc: dict[str, Any], tail: list[bytes]) -> tuple[bytes, dict[str, str]]:
     try:
-        header = json.dumps(doc, allow_nan=False, separators=(",", ":")).encode()
+        header = _JSON_ENCODER.encode(doc).encode()
     except (ValueError, TypeError) as exc:
         raise ProtocolError(f"cannot render the payload as JSON: {exc}") from None
     if not tail:

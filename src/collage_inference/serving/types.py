@@ -149,6 +149,11 @@ class Reply:
         """Build a reply from softmax scores: (classes,) for one image or (k, classes) for a
         collage. Argmax and confidence are computed for all cells at once."""
         probs = np.asarray(probabilities, dtype=np.float32)
+        timings = dict(timings or {})
+        if probs.ndim == 1 and len(probs):  # one image, the hot path: no per-cell vector work
+            label = int(probs.argmax())
+            prediction = Prediction(label, float(probs[label]), probs)
+            return cls(source, worker_id, (prediction,), request_id, group_id, timings)
         probs = probs[None, :] if probs.ndim == 1 else probs  # (n, classes)
         if probs.ndim != 2 or probs.shape[1] == 0:
             raise ServingError(f"probabilities must be (classes,) or (cells, classes), got {probs.shape}")
@@ -158,7 +163,7 @@ class Reply:
             Prediction(int(label), float(conf), row)
             for label, conf, row in zip(labels, confidences, probs, strict=True)
         )
-        return cls(source, worker_id, predictions, request_id, group_id, dict(timings or {}))
+        return cls(source, worker_id, predictions, request_id, group_id, timings)
 
 
 @dataclass(frozen=True, eq=False)
