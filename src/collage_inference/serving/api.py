@@ -20,7 +20,7 @@ import io
 import logging
 import sys
 import warnings
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from typing import Any
 
 import aiohttp
@@ -43,18 +43,20 @@ from collage_inference.serving.http import load_token, read_body, run, server_mi
 from collage_inference.serving.modes import MODES, get_mode
 from collage_inference.serving.protocol import (
     SERVER_METADATA,
+    InferRequest,
     InferResponse,
     InferTensor,
     Limits,
     parse_infer_request,
     render_infer_response,
 )
-from collage_inference.serving.server import FAST_ROUTES, FastRoutes, serve_app
+from collage_inference.serving.server import FAST_ROUTES, FastRoutes, Payload, serve_app
 from collage_inference.serving.types import Answer, DecoderPolicy
 
 log = logging.getLogger("collage_inference.serving")
 MAX_IMAGE_SIDE = 4096  # decoded images beyond this are refused: no decompression bombs
 MAX_IMAGES_PER_CALL = 64
+OUTPUT_NAMES = ("label", "class_name", "confidence", "source")
 FRONTEND = web.AppKey("frontend", FrontEnd)
 MODEL_NAME = web.AppKey("model_name", str)
 LIMITS = web.AppKey("limits", Limits)
@@ -132,14 +134,19 @@ def answer_json(answer: Answer) -> dict[str, Any]:
 # ingress (serving/ray/ingress.py) both call these, so both transports answer alike.
 
 
-async def classify_images(frontend: FrontEnd, images: list[np.ndarray]) -> list[Answer]:
-    """Answer each image as its own request, concurrently."""
+def submit_images(frontend: FrontEnd, images: list[np.ndarray]) -> Awaitable[list[Answer]]:
+    """Admit each image as its own request now (their worker calls go out before this
+    returns); the awaitable gives their answers."""
     if not images or len(images) > MAX_IMAGES_PER_CALL:
         raise ProtocolError(f"send between 1 and {MAX_IMAGES_PER_CALL} images per call, got {len(images)}")
-    checked = [_check_side(image) for image in images]
-    if len(checked) == 1:  # the common case, without gather's task and future
-        return [await frontend.classify(checked[0])]
-    return list(await asyncio.gather(*(frontend.classify(image) for image in checked)))
+    futures = [frontend.submit(image) for image in [_check_side(image) for image in images]]
+    return _gathered(futures)
+
+
+async def _gathered(futures: list[asyncio.Future[Answer]]) -> list[Answer]:
+    if len(futures) == 1:  # the common case, without gather's own future
+        return [await futures[0]]
+    return list(await asyncio.gather(*futures))
 
 
 def check_model(name: str, model_name: str) -> None:
@@ -148,15 +155,26 @@ def check_model(name: str, model_name: str) -> None:
         raise ModelNotFoundError(f"unknown model {name!r}; this front end serves {model_name!r}")
 
 
-async def infer_payload(
+def infer_payload(
     frontend: FrontEnd, model_name: str, limits: Limits, body: bytes, header_length: str | None
-) -> tuple[bytes, dict[str, str]]:
+) -> Awaitable[tuple[bytes, dict[str, str]]]:
     """A V2 infer call: the request body (and its binary header length) to the response body
-    and headers."""
+    and headers. The request is checked and its worker calls are sent before this returns
+    (a bad request raises here); the awaitable renders the answer."""
     parsed = parse_infer_request(body, header_length, limits)
     if len(parsed.inputs) != 1:
         raise ProtocolError(f"send exactly one input tensor (the image), got {len(parsed.inputs)}")
-    answers = await classify_images(frontend, images_from_tensor(parsed.inputs[0]))
+    wanted = {r.name for r in parsed.outputs_requested}
+    if wanted - set(OUTPUT_NAMES):
+        raise ProtocolError(f"unknown outputs {sorted(wanted)}; have {', '.join(OUTPUT_NAMES)}")
+    answers = submit_images(frontend, images_from_tensor(parsed.inputs[0]))
+    return _infer_response(answers, model_name, parsed, wanted)
+
+
+async def _infer_response(
+    pending: Awaitable[list[Answer]], model_name: str, parsed: InferRequest, wanted: set[str]
+) -> tuple[bytes, dict[str, str]]:
+    answers = await pending
     shape = (len(answers),)
     outputs = (  # built directly: InferTensor.of would infer what is known here
         InferTensor("label", "INT64", shape, np.array([a.label for a in answers], np.int64)),
@@ -164,9 +182,6 @@ async def infer_payload(
         InferTensor("confidence", "FP32", shape, np.array([a.confidence for a in answers], np.float32)),
         InferTensor("source", "BYTES", shape, np.array([a.source.encode() for a in answers], object)),
     )
-    wanted = {r.name for r in parsed.outputs_requested}
-    if wanted - {t.name for t in outputs}:
-        raise ProtocolError(f"unknown outputs {sorted(wanted)}; have label, class_name, confidence, source")
     outputs = tuple(t for t in outputs if not wanted or t.name in wanted)
     # Where each answer's time went: admission to answer, and the timings of the call that
     # answered it (worker queue and compute, the front end's round trip, a patient hold).
@@ -181,7 +196,7 @@ async def predict_payload(frontend: FrontEnd, data: bytes) -> dict[str, Any]:
     """``POST /predict``: one image file to its answer as JSON."""
     if not data:
         raise ProtocolError("empty body; send the image file, e.g. curl --data-binary @image.png")
-    (answer,) = await classify_images(frontend, [parse_image_bytes(bytes(data))])
+    (answer,) = await submit_images(frontend, [parse_image_bytes(bytes(data))])
     return answer_json(answer)
 
 
@@ -359,8 +374,8 @@ def build_app(
     app.router.add_get("/metrics", metrics)
     app.router.add_put("/admin/workers/{id}", move_worker)
 
-    async def fast_infer(body: bytes, headers: Mapping[str, str]) -> tuple[bytes, dict[str, str]]:
-        return await infer_payload(frontend, model_name, limits, body, headers.get(HEADER_LENGTH.lower()))
+    def fast_infer(body: bytes, headers: Mapping[str, str]) -> Awaitable[Payload]:
+        return infer_payload(frontend, model_name, limits, body, headers.get(HEADER_LENGTH.lower()))
 
     paths = (f"/v2/models/{model_name}/infer", f"/v2/models/{model_name}/versions/1/infer")
     app[FAST_ROUTES] = FastRoutes(

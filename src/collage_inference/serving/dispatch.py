@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 from urllib.parse import urlsplit
@@ -29,7 +29,7 @@ from collage_inference.serving.protocol import (
     parse_infer_response,
     render_infer_request,
 )
-from collage_inference.serving.wire import HttpClient
+from collage_inference.serving.wire import HttpClient, HttpReply
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 _WANT = (RequestedOutput("probabilities", binary=True),)
@@ -65,7 +65,9 @@ class Worker(Protocol):
     outstanding: int
     latency: float
 
-    async def infer(self, images: np.ndarray, request_id: str, timeout: float) -> Inference: ...
+    def infer(self, images: np.ndarray, request_id: str, timeout: float) -> Awaitable[Inference]:
+        """Start the call (a transport may send it before returning); await the result."""
+        ...
 
     async def ready(self, timeout: float = 1.0) -> bool: ...
 
@@ -108,19 +110,32 @@ class WorkerClient:
         """Close the idle keep-alive connections of the inference path."""
         self._http.close()
 
-    async def infer(self, images: np.ndarray, request_id: str, timeout: float) -> Inference:
-        """Send uint8 images (N, H, W, C) as the ``image`` input; their class probabilities.
+    def infer(self, images: np.ndarray, request_id: str, timeout: float) -> Awaitable[Inference]:
+        """Send uint8 images (N, H, W, C) as the ``image`` input, now when a keep-alive
+        connection is idle; the awaitable gives their class probabilities.
 
         The call's slot in ``outstanding`` was taken by :meth:`WorkerPool.pick`; it is given
-        back here when the call ends, however it ends.
+        back when the call ends, however it ends.
         """
-        body, headers = render_infer_request(
-            InferRequest(request_id, (InferTensor.of("image", images),), _WANT), binary_inputs=True
-        )
-        headers.update(self._auth)
         start = time.perf_counter()
         try:
-            reply = await self._http.post(self._infer_path, body, headers, timeout)
+            body, headers = render_infer_request(
+                InferRequest(request_id, (InferTensor.of("image", images),), _WANT), binary_inputs=True
+            )
+            headers.update(self._auth)
+            reply = self._http.post(self._infer_path, body, headers, timeout)
+        except OSError as exc:  # the write itself failed: the connection is broken
+            self.outstanding -= 1
+            self.mark_down()
+            raise WorkerError(f"worker {self.id} at {self.url} failed: {exc!r}") from exc
+        except BaseException:
+            self.outstanding -= 1
+            raise
+        return self._result(reply, len(images), start)
+
+    async def _result(self, pending: Awaitable[HttpReply], count: int, start: float) -> Inference:
+        try:
+            reply = await pending
             if reply.status != 200:
                 # A 4xx (full queue, refused input) is the worker alive and saying why; a 5xx
                 # is a broken worker, so it is marked down until its readiness probe answers.
@@ -128,7 +143,7 @@ class WorkerClient:
                     self.mark_down()
                 raise WorkerError(f"worker {self.id} answered HTTP {reply.status}: {reply.body[:300]!r}")
             response = parse_infer_response(reply.body, reply.headers.get(HEADER_LENGTH.lower()))
-            probabilities = self._checked(response.output("probabilities").data, len(images))
+            probabilities = self._checked(response.output("probabilities").data, count)
         except (TimeoutError, ProtocolError, OSError) as exc:
             self.mark_down()
             raise WorkerError(f"worker {self.id} at {self.url} failed: {exc!r}") from exc

@@ -1,6 +1,6 @@
 """The front end's request path: named stages called in one visible order.
 
-    classify(image)
+    submit(image)   (classify awaits it)
       1. admit      Request with an end-to-end deadline; refuse with 429 past max_pending
                     requests in flight or s-CNN calls outstanding
       2. dispatch   primary s-CNN call(s) to the least-loaded worker(s)
@@ -10,6 +10,8 @@
                     actions (Answer, Reissue, Fail) are carried out in :meth:`_apply`
       6. answer     the request's future resolves exactly once
 
+Steps 1 to 4 run before :meth:`submit` returns, and an HTTP worker writes its call before
+``infer`` returns, so a request reaches its workers without waiting for a task to be scheduled.
 Grouper, encoder and decoder are pure; this module owns the event loop, the timer and the
 sockets (through :mod:`~collage_inference.serving.dispatch`). One timer handle is kept at the
 earliest of the grouper's and decoder's deadlines, so no task polls.
@@ -22,6 +24,7 @@ import contextlib
 import inspect
 import itertools
 import logging
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -29,7 +32,7 @@ import numpy as np
 from collage_inference.errors import ConfigError, ModelNotFoundError, OverloadedError, WorkerError
 from collage_inference.serving.clock import MonotonicClock
 from collage_inference.serving.decoder import Decoder
-from collage_inference.serving.dispatch import Worker, WorkerPool
+from collage_inference.serving.dispatch import Inference, Worker, WorkerPool
 from collage_inference.serving.encoder import CollageEncoder
 from collage_inference.serving.grouper import Grouper, GroupingPolicy
 from collage_inference.serving.latency import LatencyWindow
@@ -73,7 +76,20 @@ class _Flight:
     # s-CNN calls on transports that can cancel (``worker.cancellable``): cancelled once the
     # request is answered, so a straggler's queue drops work nobody waits for. HTTP calls are
     # left to finish: closing a keep-alive connection costs more than the reply.
-    cancellable: list[tuple[asyncio.Task, Worker]] = field(default_factory=list)
+    cancellable: list[tuple[asyncio.Task, Worker, Awaitable[Inference]]] = field(default_factory=list)
+
+
+def _start(worker: Worker, images: np.ndarray, call_id: str, timeout: float) -> Awaitable[Inference]:
+    """Start a worker call now (an HTTP worker writes it before returning); a call that fails
+    to start becomes an awaitable that raises, so every failure is settled in one place."""
+    try:
+        return worker.infer(images, call_id, timeout)
+    except Exception as exc:
+        return _raise(exc)
+
+
+async def _raise(exc: Exception) -> Inference:
+    raise exc
 
 
 class FrontEnd:
@@ -163,6 +179,12 @@ class FrontEnd:
 
     async def classify(self, image: np.ndarray) -> Answer:
         """Answer one uint8 (H, W, C) image; raises a ServingError for 429/503/504."""
+        return await self.submit(image)
+
+    def submit(self, image: np.ndarray) -> asyncio.Future[Answer]:
+        """Admit one uint8 (H, W, C) image and send its calls before returning; the future
+        resolves with its one answer (or a ServingError for 503/504). Raises OverloadedError
+        (429) at once when the front end is full."""
         # Calls outstanding count too: a request answered by its collage cell leaves its primary
         # call queued at a worker, and under overload that left-behind work would grow unbounded.
         load = max(len(self._flights), self.scnn_outstanding)
@@ -184,19 +206,20 @@ class FrontEnd:
         if self.mode.collage:  # 3. group, 4. backup
             self._close_groups(self.grouper.add(request, now))
         self._schedule()
-        try:
-            return await flight.future  # 6. answer
-        finally:
-            self._flights.pop(request.id, None)
+        return flight.future  # 6. answer
 
     def _send_single(self, flight: _Flight, worker: Worker, source: Source) -> None:
-        task = self._spawn(self._single(flight.request, worker, source))
+        request = flight.request
+        call = _start(worker, request.image[None], request.id, self._remaining(request))
+        task = self._spawn(self._single(request, worker, source, call))
         if getattr(worker, "cancellable", False):
-            flight.cancellable.append((task, worker))
+            flight.cancellable.append((task, worker, call))
 
-    async def _single(self, request: Request, worker: Worker, source: Source) -> None:
+    async def _single(
+        self, request: Request, worker: Worker, source: Source, call: Awaitable[Inference]
+    ) -> None:
         try:
-            result = await worker.infer(request.image[None], request.id, self._remaining(request))
+            result = await call
         except asyncio.CancelledError:
             if source == Source.PRIMARY:  # keep the straggler in the statistics, as a lower bound
                 self.primary_latencies.add(self.clock.now() - request.arrival)
@@ -218,12 +241,13 @@ class FrontEnd:
             collage = self.encoder.encode(group)
             worker = self.collage[group.grid].pick()
             self._apply(self.decoder.add_group(group, self.clock.now()))
-            self._spawn(self._backup(group, collage.pixels, worker))
+            deadline = max(r.deadline for r in group.requests) - self.clock.now()
+            call = _start(worker, collage.pixels[None], f"g{group.id}", max(deadline, 0.001))
+            self._spawn(self._backup(group, worker, call))
 
-    async def _backup(self, group: Group, pixels: np.ndarray, worker: Worker) -> None:
-        deadline = max(r.deadline for r in group.requests) - self.clock.now()
+    async def _backup(self, group: Group, worker: Worker, call: Awaitable[Inference]) -> None:
         try:
-            result = await worker.infer(pixels[None], f"g{group.id}", max(deadline, 0.001))
+            result = await call
         except Exception as exc:  # whatever a worker does, its group must still be settled
             self._note_failure(worker, exc)
             self._apply(self.decoder.worker_failed(group, self.clock.now()))
@@ -255,8 +279,12 @@ class FrontEnd:
     def _apply(self, actions: list[Action]) -> None:
         for action in actions:
             flight = self._flights.get(action.request_id)
-            if flight is None or flight.future.done():
+            if flight is None:
                 continue
+            if isinstance(action, Answer | Fail):
+                del self._flights[action.request_id]
+                if flight.future.done():  # the caller stopped waiting (cancelled)
+                    continue
             if isinstance(action, Answer):
                 self.metrics.observe_answer(action)
                 flight.future.set_result(action)
@@ -294,10 +322,12 @@ class FrontEnd:
         if not flight.cancellable:
             return
         current = asyncio.current_task()
-        for task, worker in flight.cancellable:
+        for task, worker, call in flight.cancellable:
             if task is not current and not task.done():
                 if inspect.getcoroutinestate(task.get_coro()) == inspect.CORO_CREATED:
                     worker.outstanding -= 1  # never started: infer will not give its slot back
+                    if inspect.iscoroutine(call):
+                        call.close()  # nor will it run
                 task.cancel()
                 self.metrics.cancelled += 1
         flight.cancellable.clear()

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import inspect
 import json
 import signal
 import time
@@ -49,8 +50,9 @@ READY_PREFIX = "ready on "
 MAX_HEAD_BYTES = 16 * 2**10
 KEEPALIVE_S = 30.0  # idle keep-alive connections do not hold sockets for ever
 
-# (body, headers with lower-case names) -> (answer body, answer headers); raises to refuse.
-FastHandler = Callable[[bytes, Mapping[str, str]], Awaitable[tuple[bytes, dict[str, str]]]]
+Payload = tuple[bytes, dict[str, str]]  # an answer's body and headers
+# (body, headers with lower-case names) -> the answer, at once or later; raises to refuse.
+FastHandler = Callable[[bytes, Mapping[str, str]], Payload | Awaitable[Payload]]
 
 
 @dataclass(frozen=True)
@@ -142,48 +144,68 @@ class _Connection(asyncio.Protocol):
 
     def close(self) -> None:
         self._cancel_timer()
-        if self.transport is not None:
-            self.transport.close()
+        transport, self.transport = self.transport, None
+        if transport is not None:
+            transport.close()
 
     # -- reading requests ---------------------------------------------------------------------
 
     def _next(self) -> None:
-        """Answer the next request in the buffer, hand the connection off, or wait for bytes."""
-        if self.transport is None or self.write_paused:
-            return
+        """Answer the requests in the buffer, in order, until one has to wait (for bytes or for
+        its handler), or the connection is handed off or closed."""
+        while self.answering is None and self.transport is not None and not self.write_paused:
+            request = self._take_request()
+            if request is None:
+                return
+            path, body, headers = request
+            try:
+                check_token(path, headers.get("authorization"), self.routes.token)
+                outcome = self.routes.handlers[path](body, headers)
+            except Exception as exc:
+                outcome = exc
+            if inspect.isawaitable(outcome):
+                self.answering = asyncio.get_running_loop().create_task(
+                    self._answer_later(f"POST {path}", outcome)
+                )
+                return
+            self._send(f"POST {path}", outcome)
+
+    def _take_request(self) -> tuple[str, bytes, dict[str, str]] | None:
+        """The next whole request for a fast route, taken from the buffer; None when there is
+        none to answer now (bytes still to come, the connection handed off, or refused)."""
         buffer = self.buffer
         if not buffer:
             if self.close_after or self.door.closing:
                 self.close()
             else:
                 self._set_timer(KEEPALIVE_S, self._idle_timeout, for_request=False)
-            return
+            return None
         end = buffer.find(b"\r\n\r\n")
         if end < 0:
             if len(buffer) > MAX_HEAD_BYTES:
                 self._hand_off()  # aiohttp refuses oversized heads with its own 431/400
             else:
                 self._start_request_deadline()
-            return
+            return None
         fast = self._fast_request(bytes(buffer[:end]))
         if fast is None:
             self._hand_off()
-            return
+            return None
         path, headers, length = fast
         if length > self.routes.limits.max_body_bytes:
             limit = self.routes.limits.max_body_bytes
             self._refuse(PayloadTooLargeError(f"the body of {length} bytes exceeds {limit} bytes"))
-            return
+            return None
         start = end + 4
         if len(buffer) < start + length:
             self._start_request_deadline()
-            return
+            return None
         body = bytes(buffer[start : start + length])
         del buffer[: start + length]
         self._cancel_timer()
         if headers.get("connection", "").lower() == "close":
             self.close_after = True
-        self.answering = asyncio.get_running_loop().create_task(self._answer(path, body, headers))
+        return path, body, headers
 
     def _fast_request(self, head: bytes) -> tuple[str, dict[str, str], int] | None:
         """(path, headers, body length) of a request the front door answers, else None."""
@@ -227,38 +249,38 @@ class _Connection(asyncio.Protocol):
 
     # -- answering ----------------------------------------------------------------------------
 
-    async def _answer(self, path: str, body: bytes, headers: Mapping[str, str]) -> None:
+    async def _answer_later(self, what: str, pending: Awaitable[Payload]) -> None:
         try:
-            check_token(path, headers.get("authorization"), self.routes.token)
-            payload, answer_headers = await self.routes.handlers[path](body, headers)
-            status = 200
+            outcome: Payload | Exception = await pending
         except Exception as exc:
-            status, doc, answer_headers = error_answer(exc, f"POST {path}")
+            outcome = exc
+        self.answering = None
+        self._send(what, outcome)
+        self._next()
+
+    def _send(self, what: str, outcome: Payload | Exception) -> None:
+        """Write the answer to ``what`` (a payload, or the failure that replaces it) in one write."""
+        if isinstance(outcome, Exception):
+            status, doc, headers = error_answer(outcome, what)
             payload = json.dumps(doc).encode()
-            answer_headers["Content-Type"] = "application/json; charset=utf-8"
+            headers["Content-Type"] = "application/json; charset=utf-8"
+        else:
+            status, (payload, headers) = 200, outcome
         if self.routes.on_status is not None:
             self.routes.on_status(status)
-        self.answering = None
         if self.transport is None:
             return  # the client went away; the request was still carried out
         self.close_after |= self.door.closing
-        self.transport.write(render_answer(status, answer_headers, payload, self.close_after))
+        self.transport.write(render_answer(status, headers, payload, self.close_after))
         if self.close_after:
             self.close()
-            return
-        if not self.transport.is_reading():
+        elif not self.transport.is_reading():
             self.transport.resume_reading()
-        self._next()
 
     def _refuse(self, error: ServingError) -> None:
         """Answer ``error`` and close: the rest of the request is not worth reading."""
-        status, doc, headers = error_answer(error)
-        headers["Content-Type"] = "application/json; charset=utf-8"
-        if self.routes.on_status is not None:
-            self.routes.on_status(status)
-        assert self.transport is not None
-        self.transport.write(render_answer(status, headers, json.dumps(doc).encode(), close=True))
-        self.close()
+        self.close_after = True
+        self._send("a request", error)
 
     # -- deadlines ----------------------------------------------------------------------------
 

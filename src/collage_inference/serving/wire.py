@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import cast
 from urllib.parse import urlsplit
@@ -74,13 +75,14 @@ class _Connection(asyncio.Protocol):
 
     # -- requests ------------------------------------------------------------------------------
 
-    async def send(self, data: bytes) -> HttpReply:
+    def send(self, data: bytes) -> asyncio.Future[HttpReply]:
+        """Write the request now; the future resolves with its answer."""
         assert self.transport is not None
         self._buffer.clear()
         self._head = None
         self._waiter = asyncio.get_running_loop().create_future()
         self.transport.write(data)
-        return await self._waiter
+        return self._waiter
 
     @property
     def answered_nothing(self) -> bool:
@@ -176,20 +178,39 @@ class HttpClient:
         self._host_header = parts.netloc
         self._idle: list[_Connection] = []
 
-    async def post(self, path: str, body: bytes, headers: dict[str, str], timeout: float) -> HttpReply:
-        """POST ``body`` to ``path``; raises OSError, TimeoutError or ProtocolError on failure."""
+    def post(self, path: str, body: bytes, headers: dict[str, str], timeout: float) -> Awaitable[HttpReply]:
+        """POST ``body`` to ``path``; the awaitable raises OSError, TimeoutError or ProtocolError
+        on failure.
+
+        On an idle keep-alive connection the request is written before this returns, so the
+        server is at work while the caller's task gets scheduled; otherwise it is written once
+        a new connection is up.
+        """
         head = [f"POST {path} HTTP/1.1", f"Host: {self._host_header}", f"Content-Length: {len(body)}"]
         head += [f"{k}: {v}" for k, v in headers.items()]
         data = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body
+        connection = self._take()
+        return self._exchange(data, connection, connection and connection.send(data), timeout)
+
+    async def _exchange(
+        self,
+        data: bytes,
+        connection: _Connection | None,
+        sent: asyncio.Future[HttpReply] | None,
+        timeout: float,
+    ) -> HttpReply:
         async with asyncio.timeout(timeout):
             while True:
-                connection = self._take() or await self._connect()
+                if connection is None or sent is None:
+                    connection = await self._connect()
+                    sent = connection.send(data)
                 try:
-                    reply = await connection.send(data)
+                    reply = await sent
                 except (OSError, ProtocolError):
                     connection.close()
                     if connection.reused and connection.answered_nothing:
-                        continue  # a stale keep-alive connection: once more on a new one
+                        connection = None  # a stale keep-alive connection: once more on a new one
+                        continue
                     raise
                 except BaseException:  # timeout or cancellation mid-answer: unusable
                     connection.close()

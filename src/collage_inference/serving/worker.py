@@ -30,7 +30,7 @@ import asyncio
 import logging
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,7 +59,7 @@ from collage_inference.serving.protocol import (
     render_infer_response,
 )
 from collage_inference.serving.runtime import BACKENDS, BatchPrediction, ModelRunner, load_runner
-from collage_inference.serving.server import FAST_ROUTES, FastRoutes, serve_app
+from collage_inference.serving.server import FAST_ROUTES, FastRoutes, Payload, serve_app
 from collage_inference.serving.slowdown import (
     CpuContention,
     Slowdown,
@@ -163,8 +163,9 @@ class Worker:
             raise PayloadTooLargeError(f"batch of {len(x)} exceeds the limit of {self.config.max_batch}")
         return x, is_images
 
-    async def infer(self, x: np.ndarray, is_images: bool) -> _Result:
-        """Run one batch on the compute thread, refusing it when the queue is full."""
+    def infer(self, x: np.ndarray, is_images: bool) -> _Result | asyncio.Future[_Result]:
+        """Run one batch: at once on the event loop when it is small, nothing is injected and
+        nothing waits; else on the compute thread (a future). Refused when the queue is full."""
         if self._queued >= self.config.max_queue:
             self.shed += 1
             raise OverloadedError(
@@ -181,15 +182,25 @@ class Worker:
         job = self._executor.submit(self._compute, x, is_images, time.perf_counter())
         # Release the slot when the job really ends, even if the client went away meanwhile.
         job.add_done_callback(lambda _: loop.call_soon_threadsafe(self._release))
-        return await asyncio.wrap_future(job)
+        return asyncio.wrap_future(job)
 
-    async def handle_infer(self, body: bytes, header_length: str | None) -> tuple[bytes, dict[str, str]]:
+    def handle_infer(
+        self, body: bytes, header_length: str | None
+    ) -> tuple[bytes, dict[str, str]] | Awaitable[tuple[bytes, dict[str, str]]]:
         """One V2 infer call: the request body (and its binary header length) to the answer's
-        body and headers. Both HTTP paths (the front door's and aiohttp's) call this."""
+        body and headers, at once when the batch ran on the event loop, else an awaitable. Both
+        HTTP paths (the front door's and aiohttp's) call this."""
         parsed = parse_infer_request(body, header_length, self.config.limits)
         x, is_images = self.model_input(parsed)
-        result = await self.infer(x, is_images)
-        return render_infer_response(self.response(parsed, result), parsed)
+        result = self.infer(x, is_images)
+        if isinstance(result, _Result):
+            return render_infer_response(self.response(parsed, result), parsed)
+        return self._answer_later(parsed, result)
+
+    async def _answer_later(
+        self, parsed: InferRequest, pending: asyncio.Future[_Result]
+    ) -> tuple[bytes, dict[str, str]]:
+        return render_infer_response(self.response(parsed, await pending), parsed)
 
     def _release(self) -> None:
         self._queued -= 1
@@ -280,7 +291,8 @@ async def _infer(request: web.Request) -> web.Response:
     worker = request.app[WORKER]
     worker.check_model(request.match_info["name"], request.match_info.get("version"))
     body = await read_body(request, worker.config.limits)
-    payload, headers = await worker.handle_infer(body, request.headers.get(HEADER_LENGTH))
+    answer = worker.handle_infer(body, request.headers.get(HEADER_LENGTH))
+    payload, headers = answer if isinstance(answer, tuple) else await answer
     return web.Response(body=payload, headers=headers)
 
 
@@ -341,8 +353,8 @@ def build_app(config: WorkerConfig) -> web.Application:
         app.router.add_get(prefix + "/ready", _model_ready)
         app.router.add_post(prefix + "/infer", _infer)
 
-    async def fast_infer(body: bytes, headers: Mapping[str, str]) -> tuple[bytes, dict[str, str]]:
-        return await worker.handle_infer(body, headers.get(HEADER_LENGTH.lower()))
+    def fast_infer(body: bytes, headers: Mapping[str, str]) -> Payload | Awaitable[Payload]:
+        return worker.handle_infer(body, headers.get(HEADER_LENGTH.lower()))
 
     paths = (f"/v2/models/{worker.name}/infer", f"/v2/models/{worker.name}/versions/{VERSION}/infer")
     app[FAST_ROUTES] = FastRoutes(dict.fromkeys(paths, fast_infer), config.limits, config.token)

@@ -40,6 +40,13 @@ class Door:
             raise RuntimeError("a bug with a secret in it")
         return b"fast:" + body, {"Content-Type": "text/plain", "X-Seen": headers.get("x-tag", "")}
 
+    def at_once(self, body: bytes, headers: Mapping[str, str]) -> tuple[bytes, dict[str, str]]:
+        """A handler that answers without awaiting (as a worker does when it computes inline)."""
+        self.fast_calls.append(body)
+        if body == b"bad":
+            raise ProtocolError("that body is bad; send a good one")
+        return b"now:" + body, {"Content-Type": "text/plain"}
+
     async def __aenter__(self) -> Door:
         async def slow(request: web.Request) -> web.Response:
             return web.Response(text="aiohttp:" + (await request.text()))
@@ -49,7 +56,8 @@ class Door:
         app.router.add_get("/other", slow)
         self.runner = web.AppRunner(app, access_log=None)
         await self.runner.setup()
-        routes = FastRoutes({"/fast": self.fast}, LIMITS, self.token, self.statuses.append)
+        handlers = {"/fast": self.fast, "/now": self.at_once}
+        routes = FastRoutes(handlers, LIMITS, self.token, self.statuses.append)
         self.door = FrontDoor(self.runner.server, routes)
         self.listener = await asyncio.get_running_loop().create_server(self.door, "127.0.0.1", 0)
         self.port = self.listener.sockets[0].getsockname()[1]
@@ -243,5 +251,22 @@ def test_shutdown_finishes_answers_in_progress_and_closes_idle_connections() -> 
             status, headers, body = await read_answer(busy_reader)
             assert (status, body) == (200, b"fast:late") and headers["connection"] == "close"
             await shutdown
+
+    in_loop(test)
+
+
+def test_handlers_that_answer_at_once_serve_a_long_pipeline_in_order() -> None:
+    async def test() -> None:
+        async with Door() as door:
+            reader, writer = await door.connect()
+            count = 3000  # answered in one loop, not one nested call per request
+            writer.write(b"".join(post(str(i).encode(), "/now") for i in range(count)) + post(b"bad", "/now"))
+            bodies = [(await read_answer(reader))[2] for _ in range(count)]
+            assert bodies == [f"now:{i}".encode() for i in range(count)]
+            status, _, body = await read_answer(reader)
+            assert status == 400 and "good one" in json.loads(body)["error"]
+            writer.write(post(b"mixed") + post(b"again", "/now"))  # a later answer, then an at-once one
+            assert [(await read_answer(reader))[2] for _ in range(2)] == [b"fast:mixed", b"now:again"]
+            writer.close()
 
     in_loop(test)

@@ -162,3 +162,29 @@ def test_against_a_real_aiohttp_server() -> None:
             await runner.cleanup()
 
     asyncio.run(run())
+
+
+def test_on_an_idle_connection_the_request_is_written_before_post_returns() -> None:
+    requests: list[bytes] = []
+
+    async def script(reader, writer):
+        while True:
+            try:
+                requests.append(await read_request(reader))
+            except asyncio.IncompleteReadError:
+                return
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+    async def test(url):
+        client = HttpClient(url)
+        await client.post("/p", b"first", {}, 5.0)  # opens the keep-alive connection
+        pending = client.post("/p", b"second", {}, 5.0)  # written now, awaited later
+        for _ in range(100):
+            if len(requests) == 2:
+                break
+            await asyncio.sleep(0.01)  # only the server runs meanwhile
+        assert len(requests) == 2 and requests[1].endswith(b"second")
+        assert (await pending).body == b"ok"
+        client.close()
+
+    asyncio.run(with_server(script, test))
