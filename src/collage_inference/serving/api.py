@@ -139,7 +139,15 @@ def submit_images(frontend: FrontEnd, images: list[np.ndarray]) -> Awaitable[lis
     returns); the awaitable gives their answers."""
     if not images or len(images) > MAX_IMAGES_PER_CALL:
         raise ProtocolError(f"send between 1 and {MAX_IMAGES_PER_CALL} images per call, got {len(images)}")
-    futures = [frontend.submit(image) for image in [_check_side(image) for image in images]]
+    checked = [_check_side(image) for image in images]
+    futures: list[asyncio.Future[Answer]] = []
+    try:
+        for image in checked:
+            futures.append(frontend.submit(image))
+    except Exception:  # refused part way (429): those admitted are answered but not awaited
+        for future in futures:
+            future.add_done_callback(lambda f: f.cancelled() or f.exception())
+        raise
     return _gathered(futures)
 
 
