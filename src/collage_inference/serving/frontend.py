@@ -281,10 +281,10 @@ class FrontEnd:
             flight = self._flights.get(action.request_id)
             if flight is None:
                 continue
-            if isinstance(action, Answer | Fail):
+            if isinstance(action, Answer | Fail):  # the request's last action
                 del self._flights[action.request_id]
-                if flight.future.done():  # the caller stopped waiting (cancelled)
-                    continue
+            if flight.future.done():  # the caller stopped waiting (cancelled)
+                continue
             if isinstance(action, Answer):
                 self.metrics.observe_answer(action)
                 flight.future.set_result(action)

@@ -193,3 +193,20 @@ def test_a_call_cancelled_before_it_started_gives_its_slot_back():
             await fe.stop()
 
     assert asyncio.run(run()) == (0, 0)
+
+
+def test_a_caller_that_stops_waiting_leaves_nothing_behind():
+    async def scenario() -> None:
+        worker = FakeWorker("s0", delay=0.05)
+        fe = frontend("none", [worker])
+        await fe.start()
+        try:
+            future = fe.submit(image(3))
+            future.cancel()  # the client went away
+            await asyncio.sleep(0.1)  # the worker answers; the answer has nobody to go to
+            assert fe.in_flight == 0 and worker.outstanding == 0 and worker.calls == 1
+            assert (await fe.classify(image(4))).label == 4  # and the front end serves on
+        finally:
+            await fe.stop()
+
+    asyncio.run(scenario())
