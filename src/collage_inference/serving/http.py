@@ -1,8 +1,9 @@
 """What every HTTP server of the project shares: errors, the shared token, bodies, the run loop.
 
-:func:`error_middleware` is the single place where exceptions become HTTP answers
+:func:`error_answer` is the single place where exceptions become HTTP answers
 (``{"error": message}`` with the status the :class:`ServingError` subclass names, and a
-``Retry-After`` on 429 and 503), so a bad request never takes a server down.
+``Retry-After`` on 429 and 503), so a bad request never takes a server down; aiohttp apps apply
+it through :func:`error_middleware`, the front door and the Ray Serve ingress call it directly.
 :func:`auth_middleware` guards a server with an optional shared bearer token.
 :func:`read_body` reads a request body within a size and a time limit, so neither a huge nor a
 slow client can hold a server's memory or its sockets. :func:`run` runs a server's (or a
@@ -43,7 +44,7 @@ OPEN_PATHS = frozenset({"/v2/health/live", "/v2/health/ready"})
 
 def error_answer(exc: Exception, what: str = "a request") -> tuple[int, dict[str, Any], dict[str, str]]:
     """Status, JSON body and headers that answer a failure: the one mapping, for aiohttp
-    (:func:`error_middleware`) and for servers outside it (the Ray Serve ingress)."""
+    (:func:`error_middleware`) and for servers outside it (the front door, the Ray Serve ingress)."""
     headers: dict[str, str] = {}
     if isinstance(exc, ServingError):
         status, message = exc.status, str(exc)
