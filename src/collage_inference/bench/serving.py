@@ -69,6 +69,9 @@ def overhead(rate: float, requests: int, repeats: int, images, labels) -> dict:
         "frontend_p99_ms": med(fronted, "p99_ms"),
         "overhead_p50_ms": med(fronted, "p50_ms") - med(direct, "p50_ms"),
         "overhead_p99_ms": med(fronted, "p99_ms") - med(direct, "p99_ms"),
+        # Each A/B pair's own difference: their spread is the noise the medians stand on.
+        "pair_overheads_p50_ms": [f.p50_ms - d.p50_ms for d, f in zip(direct, fronted, strict=True)],
+        "pair_overheads_p99_ms": [f.p99_ms - d.p99_ms for d, f in zip(direct, fronted, strict=True)],
         "errors": sum(s.error_count for s in direct + fronted),
     }
 
@@ -145,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{report['date']}  {report['environment']}")
         print(f"direct worker   p50 {over['direct_p50_ms']:.2f} ms  p99 {over['direct_p99_ms']:.2f} ms")
         print(f"via front end   p50 {over['frontend_p50_ms']:.2f} ms  p99 {over['frontend_p99_ms']:.2f} ms")
+        pairs = zip(over["pair_overheads_p50_ms"], over["pair_overheads_p99_ms"], strict=True)
+        print("pairs           " + ", ".join(f"{a:+.2f} / {b:+.2f} ms" for a, b in pairs))
         print(
             f"sustained       {sus['achieved_rps']:.0f} req/s of {sus['offered_rps']:g} offered, "
             f"p50 {sus['p50_ms']:.2f} ms, p99 {sus['p99_ms']:.2f} ms, errors {sus['errors']}, "
