@@ -165,7 +165,7 @@ def check_model(name: str, model_name: str) -> None:
 
 def infer_payload(
     frontend: FrontEnd, model_name: str, limits: Limits, body: bytes, header_length: str | None
-) -> Awaitable[tuple[bytes, dict[str, str]]]:
+) -> Awaitable[Payload]:
     """A V2 infer call: the request body (and its binary header length) to the response body
     and headers. The request is checked and its worker calls are sent before this returns
     (a bad request raises here); the awaitable renders the answer."""
@@ -181,7 +181,7 @@ def infer_payload(
 
 async def _infer_response(
     pending: Awaitable[list[Answer]], model_name: str, parsed: InferRequest, wanted: set[str]
-) -> tuple[bytes, dict[str, str]]:
+) -> Payload:
     answers = await pending
     shape = (len(answers),)
     outputs = (  # built directly: InferTensor.of would infer what is known here

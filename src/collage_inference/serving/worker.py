@@ -184,9 +184,7 @@ class Worker:
         job.add_done_callback(lambda _: loop.call_soon_threadsafe(self._release))
         return asyncio.wrap_future(job)
 
-    def handle_infer(
-        self, body: bytes, header_length: str | None
-    ) -> tuple[bytes, dict[str, str]] | Awaitable[tuple[bytes, dict[str, str]]]:
+    def handle_infer(self, body: bytes, header_length: str | None) -> Payload | Awaitable[Payload]:
         """One V2 infer call: the request body (and its binary header length) to the answer's
         body and headers, at once when the batch ran on the event loop, else an awaitable. Both
         HTTP paths (the front door's and aiohttp's) call this."""
@@ -197,9 +195,7 @@ class Worker:
             return render_infer_response(self.response(parsed, result), parsed)
         return self._answer_later(parsed, result)
 
-    async def _answer_later(
-        self, parsed: InferRequest, pending: asyncio.Future[_Result]
-    ) -> tuple[bytes, dict[str, str]]:
+    async def _answer_later(self, parsed: InferRequest, pending: asyncio.Future[_Result]) -> Payload:
         return render_infer_response(self.response(parsed, await pending), parsed)
 
     def _release(self) -> None:
