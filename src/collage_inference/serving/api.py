@@ -44,11 +44,10 @@ from collage_inference.serving.modes import MODES, get_mode
 from collage_inference.serving.protocol import (
     SERVER_METADATA,
     InferRequest,
-    InferResponse,
     InferTensor,
     Limits,
     parse_infer_request,
-    render_infer_response,
+    render_column_response,
 )
 from collage_inference.serving.server import FAST_ROUTES, FastRoutes, Payload, serve_app
 from collage_inference.serving.types import Answer, DecoderPolicy
@@ -183,21 +182,25 @@ async def _infer_response(
     pending: Awaitable[list[Answer]], model_name: str, parsed: InferRequest, wanted: set[str]
 ) -> Payload:
     answers = await pending
-    shape = (len(answers),)
-    outputs = (  # built directly: InferTensor.of would infer what is known here
-        InferTensor("label", "INT64", shape, np.array([a.label for a in answers], np.int64)),
-        InferTensor("class_name", "BYTES", shape, np.array([a.class_name.encode() for a in answers], object)),
-        InferTensor("confidence", "FP32", shape, np.array([a.confidence for a in answers], np.float32)),
-        InferTensor("source", "BYTES", shape, np.array([a.source.encode() for a in answers], object)),
+    columns = (
+        ("label", "INT64", [a.label for a in answers]),
+        ("class_name", "BYTES", [a.class_name.encode() for a in answers]),
+        ("confidence", "FP32", [a.confidence for a in answers]),
+        ("source", "BYTES", [a.source.encode() for a in answers]),
     )
-    outputs = tuple(t for t in outputs if not wanted or t.name in wanted)
     # Where each answer's time went: admission to answer, and the timings of the call that
     # answered it (worker queue and compute, the front end's round trip, a patient hold).
     parameters: dict[str, list[float | None]] = {"latency_ms": [round(a.latency * 1e3, 3) for a in answers]}
     for key in sorted({k for a in answers for k in a.timings}):
         parameters[f"{key}_ms"] = [_ms(a.timings.get(key)) for a in answers]
-    response = InferResponse(model_name, outputs, parsed.id, "1", parameters)
-    return render_infer_response(response, parsed)
+    return render_column_response(
+        model_name,
+        [c for c in columns if not wanted or c[0] in wanted],
+        parsed,
+        model_version="1",
+        id=parsed.id,
+        parameters=parameters,
+    )
 
 
 async def predict_payload(frontend: FrontEnd, data: bytes) -> dict[str, Any]:

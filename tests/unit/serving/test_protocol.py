@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from collage_inference.errors import PayloadTooLargeError, ProtocolError
+from collage_inference.serving.protocol import _JSON_DECODER as STANDARD_DECODER
 from collage_inference.serving.protocol import (
     DATATYPES,
     HEADER_LENGTH,
@@ -22,9 +23,11 @@ from collage_inference.serving.protocol import (
     RequestedOutput,
     parse_infer_request,
     parse_infer_response,
+    render_column_response,
     render_infer_request,
     render_infer_response,
 )
+from collage_inference.serving.protocol import _decode_json as decode_json
 
 NUMERIC = [name for name in DATATYPES if name != "BYTES"]
 
@@ -305,6 +308,31 @@ def test_bad_responses_are_refused() -> None:
         parse_infer_response(json_body(model_name="m", outputs=[], inputs=[]))
 
 
+@pytest.mark.parametrize("where", ["request", "response", "columns", "tensor"])
+def test_rendering_refuses_nan_in_parameters(where: str) -> None:
+    nan = {"timings": [1.0, float("nan")]}
+    x = InferTensor.of("x", np.zeros(1, np.float32))
+    render = {
+        "request": lambda: render_infer_request(InferRequest(None, (x,), parameters=nan)),
+        "response": lambda: render_infer_response(InferResponse("m", (x,), parameters=nan)),
+        "columns": lambda: render_column_response("m", [("x", "FP32", [0.0])], parameters=nan),
+        "tensor": lambda: render_infer_response(
+            InferResponse("m", (InferTensor("x", "FP32", (1,), x.data, nan),))
+        ),
+    }[where]
+    with pytest.raises(ProtocolError, match="JSON.*nan"):
+        render()
+
+
+def test_column_response_refuses_values_its_datatype_cannot_hold() -> None:
+    with pytest.raises(ProtocolError, match="INT8"):
+        render_column_response("m", [("x", "INT8", [300])], InferRequest(None, (), binary_outputs=True))
+    with pytest.raises(ProtocolError, match="JSON"):
+        render_column_response("m", [("x", "FP64", [float("inf")])])
+    with pytest.raises(ProtocolError, match="binary"):
+        render_column_response("m", [("s", "BYTES", [b"\xff"])])
+
+
 def test_rendering_refuses_what_json_cannot_hold() -> None:
     with pytest.raises(ProtocolError, match="binary"):
         render_infer_request(InferRequest(None, (InferTensor.of("s", np.array([b"\xff"], object)),)), False)
@@ -390,3 +418,65 @@ def test_fuzz_round_trip_preserves_every_value(array: np.ndarray, binary: bool) 
     parsed = round_trip(InferRequest(None, (InferTensor.of("x", array),)), binary)
     assert parsed.inputs[0].shape == array.shape
     np.testing.assert_array_equal(parsed.inputs[0].data, array)
+
+
+column_values = {
+    "INT64": st.integers(-(2**63), 2**63 - 1),
+    "INT8": st.integers(-128, 127),
+    "UINT32": st.integers(0, 2**32 - 1),
+    "BOOL": st.booleans(),
+    "FP32": st.floats(-3e38, 3e38),  # float64 values, rounded to float32 as the array would
+    "FP64": st.floats(allow_nan=False, allow_infinity=False),
+    "BYTES": st.binary(max_size=6),
+}
+columns = st.lists(
+    st.sampled_from(sorted(column_values)).flatmap(
+        lambda datatype: st.tuples(st.just(datatype), st.lists(column_values[datatype], max_size=4))
+    ),
+    max_size=4,
+)
+
+
+@FUZZ
+@given(
+    columns=columns,
+    binary=st.booleans(),
+    ident=st.none() | st.text(max_size=4),
+    parameters=st.dictionaries(
+        st.text(max_size=4), st.lists(st.floats(allow_nan=False, allow_infinity=False)), max_size=2
+    ),
+)
+def test_fuzz_column_response_renders_as_the_tensor_response(
+    columns: list[tuple[str, list]], binary: bool, ident: str | None, parameters: dict
+) -> None:
+    """The front end's fast renderer writes the same bytes the general one does."""
+    named = [(f"out{i}", datatype, values) for i, (datatype, values) in enumerate(columns)]
+    if not binary:  # JSON holds BYTES only as UTF-8 text
+        named = [
+            (n, d, [v.decode("latin-1").encode() for v in values] if d == "BYTES" else values)
+            for n, d, values in named
+        ]
+    request = InferRequest(None, (), binary_outputs=binary)
+    tensors = tuple(
+        InferTensor(n, d, (len(v),), np.array(v, dtype=DATATYPES[d]).reshape(len(v))) for n, d, v in named
+    )
+    expected = render_infer_response(InferResponse("m", tensors, ident, "1", parameters), request)
+    assert (
+        render_column_response("m", named, request, model_version="1", id=ident, parameters=parameters)
+        == expected
+    )
+
+
+@FUZZ
+@given(doc=json_values)
+def test_fuzz_fast_json_reads_as_the_standard_library(doc: object) -> None:
+    """orjson, with the standard decoder behind it, reads every document as json.loads does,
+    lone surrogates and integers past 64 bits included."""
+    raw = json.dumps(doc).encode()
+    try:
+        expected = STANDARD_DECODER.decode(raw.decode())
+    except ProtocolError:  # Infinity: refused by both
+        with pytest.raises(ProtocolError, match="Infinity"):
+            decode_json(raw)
+        return
+    assert decode_json(raw) == expected
