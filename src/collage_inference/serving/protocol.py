@@ -24,7 +24,8 @@ import math
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from types import MappingProxyType
+from typing import Any, cast
 
 import numpy as np
 import orjson
@@ -153,11 +154,49 @@ class InferResponse:
 # --- parsing -------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class _RequestTemplate:
+    """What a request's JSON header says, checked: everything but the binary tensor bytes."""
+
+    id: str | None
+    layouts: tuple[_Layout, ...]
+    elements: int
+    outputs_requested: tuple[RequestedOutput, ...]
+    parameters: Mapping[str, Any]
+    binary_outputs: bool
+
+
+# Clients send the same JSON header with every request of a shape (binary tensors keep the
+# pixels out of it), so the checked header is kept, keyed by its bytes: a request whose header
+# was seen skips JSON and its checks, and only its tensor bytes are read.
+_TEMPLATES: dict[bytes, _RequestTemplate] = {}
+_MAX_TEMPLATES = 256
+_MAX_TEMPLATE_BYTES = 4096
+
+
 def parse_infer_request(
     body: bytes, header_length: str | int | None = None, limits: Limits = Limits()
 ) -> InferRequest:
     """Parse a request body; ``header_length`` is the ``Inference-Header-Content-Length`` header."""
-    doc, binary = _split_body(body, header_length, limits)
+    header, binary = _split_header(body, header_length, limits)
+    template = _TEMPLATES.get(header)
+    if template is None:
+        template = _request_template(_decode_header(header, header_length), limits)
+        if len(header) <= _MAX_TEMPLATE_BYTES and all(t.data is None for t in template.layouts):
+            if len(_TEMPLATES) >= _MAX_TEMPLATES:
+                del _TEMPLATES[next(iter(_TEMPLATES))]  # the oldest
+            _TEMPLATES[header] = template
+    _check_elements(template.elements, limits, "the request")
+    return InferRequest(
+        id=template.id,
+        inputs=_fill_tensors(template.layouts, binary, "input"),
+        outputs_requested=template.outputs_requested,
+        parameters=template.parameters,
+        binary_outputs=template.binary_outputs,
+    )
+
+
+def _request_template(doc: dict, limits: Limits) -> _RequestTemplate:
     _check_fields(doc, _REQUEST_FIELDS, "the request")
     inputs = doc.get("inputs")
     if not isinstance(inputs, list) or not inputs:
@@ -166,12 +205,15 @@ def parse_infer_request(
     binary_outputs = parameters.get("binary_data_output", False)
     if not isinstance(binary_outputs, bool):
         raise ProtocolError("parameters.binary_data_output must be true or false")
-    return InferRequest(
-        id=_optional_str(doc, "id", "the request"),
-        inputs=_parse_tensors(inputs, binary, limits, "input"),
-        outputs_requested=_parse_requested_outputs(doc.get("outputs", [])),
-        parameters=parameters,
-        binary_outputs=binary_outputs,
+    request_id = _optional_str(doc, "id", "the request")
+    layouts, elements = _tensor_layouts(inputs, limits, "input")
+    return _RequestTemplate(
+        request_id,
+        layouts,
+        elements,
+        _parse_requested_outputs(doc.get("outputs", [])),
+        MappingProxyType(parameters),  # shared by every request with this header: read-only
+        binary_outputs,
     )
 
 
@@ -198,6 +240,12 @@ def parse_infer_response(
 
 def _split_body(body: bytes, header_length: str | int | None, limits: Limits) -> tuple[dict, memoryview]:
     """The JSON document and the binary tail (empty for a pure-JSON body)."""
+    header, binary = _split_header(body, header_length, limits)
+    return _decode_header(header, header_length), binary
+
+
+def _split_header(body: bytes, header_length: str | int | None, limits: Limits) -> tuple[bytes, memoryview]:
+    """The JSON header's bytes and the binary tail (empty for a pure-JSON body)."""
     if len(body) > limits.max_body_bytes:
         raise PayloadTooLargeError(
             f"the body has {len(body)} bytes, more than the limit of {limits.max_body_bytes}; "
@@ -212,14 +260,18 @@ def _split_body(body: bytes, header_length: str | int | None, limits: Limits) ->
             raise ProtocolError(f"{HEADER_LENGTH} must be an integer, got {header_length!r}") from None
         if not 0 <= size <= len(body):
             raise ProtocolError(f"{HEADER_LENGTH}={size} lies outside the body of {len(body)} bytes")
+    return bytes(body[:size]), memoryview(body)[size:]
+
+
+def _decode_header(header: bytes, header_length: str | int | None) -> dict:
     try:
-        doc = _decode_json(bytes(body[:size]))
+        doc = _decode_json(header)
     except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         hint = f" (is {HEADER_LENGTH} right?)" if header_length is not None else ""
         raise ProtocolError(f"the JSON header is malformed{hint}: {exc}") from None
     if not isinstance(doc, dict):
         raise ProtocolError(f"the JSON header must be an object, got {type(doc).__name__}")
-    return doc, memoryview(body)[size:]
+    return doc
 
 
 def _reject_constant(name: str) -> float:
@@ -315,9 +367,28 @@ def _parse_requested_outputs(entries: Any) -> tuple[RequestedOutput, ...]:
     return tuple(requested)
 
 
+@dataclass(frozen=True, slots=True)
+class _Layout:
+    """One tensor as its JSON entry describes it: ``data`` when the JSON holds the values,
+    else ``size`` bytes of the binary tail."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    count: int
+    parameters: Mapping[str, Any]
+    size: int | None
+    data: np.ndarray | None
+
+
 def _parse_tensors(entries: list, binary: memoryview, limits: Limits, role: str) -> tuple[InferTensor, ...]:
-    tensors: list[InferTensor] = []
-    offset = 0
+    layouts, _ = _tensor_layouts(entries, limits, role)
+    return _fill_tensors(layouts, binary, role)
+
+
+def _tensor_layouts(entries: list, limits: Limits, role: str) -> tuple[tuple[_Layout, ...], int]:
+    """Every tensor entry checked, and the elements they hold in all."""
+    layouts: list[_Layout] = []
     total = 0
     for i, entry in enumerate(entries):
         where = f"{role}s[{i}]"
@@ -328,7 +399,7 @@ def _parse_tensors(entries: list, binary: memoryview, limits: Limits, role: str)
         if not isinstance(name, str) or not name:
             raise ProtocolError(f'{where} needs a non-empty "name" string')
         where = f"{role} {name!r}"
-        if any(t.name == name for t in tensors):
+        if any(t.name == name for t in layouts):
             raise ProtocolError(f"{where} appears twice")
         datatype = entry.get("datatype")
         if datatype not in DATATYPES:
@@ -336,29 +407,45 @@ def _parse_tensors(entries: list, binary: memoryview, limits: Limits, role: str)
         shape = _parse_shape(entry.get("shape"), where)
         count = math.prod(shape)
         total += count
-        if total > limits.max_elements:
-            raise PayloadTooLargeError(
-                f"{where}: the tensors hold {total} elements, more than the limit of {limits.max_elements}"
-            )
+        _check_elements(total, limits, where)
         parameters = _parameters(entry, where)
         size = parameters.get("binary_data_size")
+        data = None
         if size is None:
             if "data" not in entry:
                 raise ProtocolError(f'{where} needs "data" or parameters.binary_data_size')
             data = _json_data(entry["data"], datatype, count, where)
-        else:
-            if "data" in entry:
-                raise ProtocolError(f'{where} has both "data" and binary_data_size; send one')
-            if type(size) is not int or size < 0:
-                raise ProtocolError(f"{where}: binary_data_size must be a non-negative integer")
+        elif "data" in entry:
+            raise ProtocolError(f'{where} has both "data" and binary_data_size; send one')
+        elif type(size) is not int or size < 0:
+            raise ProtocolError(f"{where}: binary_data_size must be a non-negative integer")
+        layouts.append(_Layout(name, datatype, shape, count, parameters, size, data))
+    return tuple(layouts), total
+
+
+def _check_elements(total: int, limits: Limits, where: str) -> None:
+    if total > limits.max_elements:
+        raise PayloadTooLargeError(
+            f"{where}: the tensors hold {total} elements, more than the limit of {limits.max_elements}"
+        )
+
+
+def _fill_tensors(layouts: tuple[_Layout, ...], binary: memoryview, role: str) -> tuple[InferTensor, ...]:
+    """The tensors, binary ones read from ``binary`` in order; every byte must belong to one."""
+    tensors: list[InferTensor] = []
+    offset = 0
+    for t in layouts:
+        data = t.data
+        if data is None:
+            size = cast(int, t.size)
             if offset + size > len(binary):
                 raise ProtocolError(
-                    f"{where}: binary_data_size={size} runs past the {len(binary)} binary bytes "
-                    f"after the JSON header (offset {offset})"
+                    f"{role} {t.name!r}: binary_data_size={size} runs past the {len(binary)} binary "
+                    f"bytes after the JSON header (offset {offset})"
                 )
-            data = _binary_data(binary[offset : offset + size], datatype, count, where)
+            data = _binary_data(binary[offset : offset + size], t.datatype, t.count, f"{role} {t.name!r}")
             offset += size
-        tensors.append(InferTensor(name, datatype, shape, data.reshape(shape), parameters))
+        tensors.append(InferTensor(t.name, t.datatype, t.shape, data.reshape(t.shape), t.parameters))
     if offset != len(binary):
         raise ProtocolError(
             f"{len(binary) - offset} bytes after the JSON header belong to no tensor; "

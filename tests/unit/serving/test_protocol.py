@@ -125,6 +125,29 @@ def test_requested_outputs_and_binary_flags() -> None:
     assert again.outputs_requested == request.outputs_requested and again.binary_outputs
 
 
+def test_a_repeated_binary_header_reads_each_request_its_own_bytes_and_checks_them() -> None:
+    """The second request with the same JSON header is parsed from the kept template: its own
+    pixels, and the same refusals of a bad binary part as the first."""
+    first = np.arange(6, dtype=np.float32)
+    request = InferRequest(None, (InferTensor.of("x", first),), binary_outputs=True)
+    body, headers = render_infer_request(request)
+    header_length = headers[HEADER_LENGTH]
+    size = int(header_length)
+    np.testing.assert_array_equal(parse_infer_request(body, header_length).inputs[0].data, first)
+    second = body[:size] + (first + 10).tobytes()
+    parsed = parse_infer_request(second, header_length)
+    np.testing.assert_array_equal(parsed.inputs[0].data, first + 10)
+    assert parsed.binary_outputs and parsed.id is None
+    with pytest.raises(ProtocolError, match="NaN"):
+        parse_infer_request(body[:size] + np.full(6, np.nan, np.float32).tobytes(), header_length)
+    with pytest.raises(ProtocolError, match="runs past"):
+        parse_infer_request(body[:-4], header_length)
+    with pytest.raises(ProtocolError, match="belong to no tensor"):
+        parse_infer_request(body + b"xx", header_length)
+    with pytest.raises(PayloadTooLargeError, match="6 elements"):
+        parse_infer_request(body, header_length, Limits(max_elements=5))
+
+
 @pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
 def test_responses_round_trip(binary: bool) -> None:
     labels = np.array([[3, 10]], np.int64)
