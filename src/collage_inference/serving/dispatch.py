@@ -35,6 +35,7 @@ from collage_inference.serving.wire import HttpClient, HttpReply
 HEADER_LENGTH = "Inference-Header-Content-Length"
 _WANT = (RequestedOutput("probabilities", binary=True),)
 _WORKER_TIMINGS = ("queue_ms", "compute_ms", "injected_ms")
+_UINT8 = np.dtype(np.uint8)
 
 
 @dataclass(frozen=True)
@@ -132,7 +133,7 @@ class WorkerClient:
         start = time.perf_counter()
         try:
             head, headers = _infer_head(images.shape)
-            body = head + np.ascontiguousarray(images, np.uint8).tobytes()
+            body = head + (images if images.dtype == _UINT8 else images.astype(np.uint8)).tobytes()
             reply = self._http.post(self._infer_path, body, {**headers, **self._auth}, timeout)
         except OSError as exc:  # the write itself failed: the connection is broken
             self.outstanding -= 1
@@ -164,7 +165,7 @@ class WorkerClient:
         self.failures = 0
         params = response.parameters
         timings = {
-            k[:-3]: float(params[k]) / 1e3 for k in ("queue_ms", "compute_ms", "injected_ms") if k in params
+            k[:-3]: float(params[k]) / 1e3 for k in _WORKER_TIMINGS if k in params
         }
         timings["round_trip"] = elapsed
         return Inference(probabilities, timings)

@@ -546,8 +546,16 @@ def _kind_name(kind: str) -> str:
     )
 
 
+# A few values (a classifier's scores, checked at every answer) are checked in Python: on a
+# server that idles between requests, NumPy's first calls after a pause cost tens of
+# microseconds each, and a tensor this small is done sooner without them.
+_SMALL = 64  # elements
+
+
 def _check_finite(values: np.ndarray, where: str) -> None:
-    if not np.isfinite(values).all():
+    """``values``: 1-D."""
+    small = values.size <= _SMALL
+    if not (all(map(math.isfinite, values.tolist())) if small else np.isfinite(values).all()):
         raise ProtocolError(f"{where}: NaN or infinite values (or values too large for the datatype)")
 
 

@@ -10,6 +10,7 @@ Sources and policies are ``StrEnum``s, so they compare equal to, and render as, 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -20,6 +21,7 @@ import numpy as np
 from collage_inference.errors import DeadlineExceededError, ProtocolError, ServingError, UnavailableError
 
 _NO_TIMINGS: Mapping[str, float] = MappingProxyType({})
+_FP32 = np.dtype(np.float32)
 
 
 class Source(StrEnum):
@@ -148,12 +150,16 @@ class Reply:
     ) -> Reply:
         """Build a reply from softmax scores: (classes,) for one image or (k, classes) for a
         collage. Argmax and confidence are computed for all cells at once."""
-        probs = np.asarray(probabilities, dtype=np.float32)
         timings = dict(timings or {})
-        if probs.ndim == 1 and len(probs):  # one image, the hot path: no per-cell vector work
-            label = int(probs.argmax())
-            prediction = Prediction(label, float(probs[label]), probs)
-            return cls(source, worker_id, (prediction,), request_id, group_id, timings)
+        if isinstance(probabilities, np.ndarray) and probabilities.ndim == 1 and probabilities.dtype == _FP32:
+            # One image, the hot path: its few scores in plain Python, since on a server that idles
+            # between requests NumPy's first calls after a pause cost tens of microseconds each.
+            scores = probabilities.tolist()
+            if scores and all(map(math.isfinite, scores)):  # NaN would make max() order-dependent
+                label = scores.index(max(scores))  # the first of equal maxima, as argmax
+                prediction = Prediction(label, scores[label], probabilities)
+                return cls(source, worker_id, (prediction,), request_id, group_id, timings)
+        probs = np.asarray(probabilities, dtype=np.float32)
         probs = probs[None, :] if probs.ndim == 1 else probs  # (n, classes)
         if probs.ndim != 2 or probs.shape[1] == 0:
             raise ServingError(f"probabilities must be (classes,) or (cells, classes), got {probs.shape}")
