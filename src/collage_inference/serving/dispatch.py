@@ -164,9 +164,7 @@ class WorkerClient:
         self.latency = elapsed if self.latency == 0 else 0.8 * self.latency + 0.2 * elapsed
         self.failures = 0
         params = response.parameters
-        timings = {
-            k[:-3]: float(params[k]) / 1e3 for k in _WORKER_TIMINGS if k in params
-        }
+        timings = {k[:-3]: float(params[k]) / 1e3 for k in _WORKER_TIMINGS if k in params}
         timings["round_trip"] = elapsed
         return Inference(probabilities, timings)
 

@@ -54,6 +54,11 @@ DATATYPES: dict[str, np.dtype] = {
     "BYTES": np.dtype(object),
 }
 _DATATYPE_OF_KIND = {(dt.kind, dt.itemsize): name for name, dt in DATATYPES.items() if name != "BYTES"}
+# struct codes of the fixed-size datatypes (little-endian), for values held as Python lists
+_STRUCT_CODES = {
+    "BOOL": "?", "UINT8": "B", "UINT16": "H", "UINT32": "I", "UINT64": "Q", "INT8": "b",
+    "INT16": "h", "INT32": "i", "INT64": "q", "FP16": "e", "FP32": "f", "FP64": "d",
+}  # fmt: skip
 
 _REQUEST_FIELDS = frozenset({"id", "parameters", "inputs", "outputs"})
 _RESPONSE_FIELDS = frozenset({"model_name", "model_version", "id", "parameters", "outputs"})
@@ -443,9 +448,13 @@ def _fill_tensors(layouts: tuple[_Layout, ...], binary: memoryview, role: str) -
                     f"{role} {t.name!r}: binary_data_size={size} runs past the {len(binary)} binary "
                     f"bytes after the JSON header (offset {offset})"
                 )
-            data = _binary_data(binary[offset : offset + size], t.datatype, t.count, f"{role} {t.name!r}")
+            data = _binary_data(
+                binary[offset : offset + size], t.datatype, t.shape, t.count, f"{role} {t.name!r}"
+            )
             offset += size
-        tensors.append(InferTensor(t.name, t.datatype, t.shape, data.reshape(t.shape), t.parameters))
+        else:
+            data = data.reshape(t.shape)
+        tensors.append(InferTensor(t.name, t.datatype, t.shape, data, t.parameters))
     if offset != len(binary):
         raise ProtocolError(
             f"{len(binary) - offset} bytes after the JSON header belong to no tensor; "
@@ -550,18 +559,30 @@ def _kind_name(kind: str) -> str:
 # server that idles between requests, NumPy's first calls after a pause cost tens of
 # microseconds each, and a tensor this small is done sooner without them.
 _SMALL = 64  # elements
+_NOT_FINITE = "NaN or infinite values (or values too large for the datatype)"
 
 
 def _check_finite(values: np.ndarray, where: str) -> None:
     """``values``: 1-D."""
     small = values.size <= _SMALL
     if not (all(map(math.isfinite, values.tolist())) if small else np.isfinite(values).all()):
-        raise ProtocolError(f"{where}: NaN or infinite values (or values too large for the datatype)")
+        raise ProtocolError(f"{where}: {_NOT_FINITE}")
 
 
-def _binary_data(raw: memoryview, datatype: str, count: int, where: str) -> np.ndarray:
+def _check_finite_raw(raw: memoryview, datatype: str, count: int, where: str) -> None:
+    """As :func:`_check_finite`, on the little-endian bytes of ``count`` floats."""
+    if count > _SMALL:
+        _check_finite(np.frombuffer(raw, DATATYPES[datatype]), where)
+    elif not all(map(math.isfinite, struct.unpack(f"<{count}{_STRUCT_CODES[datatype]}", raw))):
+        raise ProtocolError(f"{where}: {_NOT_FINITE}")
+
+
+def _binary_data(
+    raw: memoryview, datatype: str, shape: tuple[int, ...], count: int, where: str
+) -> np.ndarray:
+    """The tensor of ``shape`` held in ``raw``, checked: a view of the bytes, not a copy."""
     if datatype == "BYTES":
-        return _parse_bytes_elements(raw, count, where)
+        return _parse_bytes_elements(raw, count, where).reshape(shape)
     dtype = DATATYPES[datatype]
     if len(raw) != count * dtype.itemsize:
         raise ProtocolError(
@@ -572,11 +593,10 @@ def _binary_data(raw: memoryview, datatype: str, count: int, where: str) -> np.n
         values = np.frombuffer(raw, np.uint8)
         if values.size and values.max() > 1:
             raise ProtocolError(f"{where}: BOOL bytes must be 0 or 1")
-        return values.view(np.bool_)
-    values = np.frombuffer(raw, dtype)
+        return values.view(np.bool_).reshape(shape)
     if dtype.kind == "f":
-        _check_finite(values, where)
-    return values
+        _check_finite_raw(raw, datatype, count, where)
+    return np.ndarray(shape, dtype, raw)  # one call: shaped at once
 
 
 def _parse_bytes_elements(raw: memoryview, count: int, where: str) -> np.ndarray:
@@ -646,13 +666,6 @@ def render_infer_response(
         for t in response.outputs
     ]
     return _render_body(doc, tail)
-
-
-# struct codes of the fixed-size datatypes, little-endian, for outputs held as Python lists
-_STRUCT_CODES = {
-    "BOOL": "?", "UINT8": "B", "UINT16": "H", "UINT32": "I", "UINT64": "Q", "INT8": "b",
-    "INT16": "h", "INT32": "i", "INT64": "q", "FP16": "e", "FP32": "f", "FP64": "d",
-}  # fmt: skip
 
 
 def render_column_response(

@@ -21,7 +21,7 @@ import numpy as np
 from collage_inference.errors import DeadlineExceededError, ProtocolError, ServingError, UnavailableError
 
 _NO_TIMINGS: Mapping[str, float] = MappingProxyType({})
-_FP32 = np.dtype(np.float32)
+_FP32, _UINT8 = np.dtype(np.float32), np.dtype(np.uint8)
 
 
 class Source(StrEnum):
@@ -62,7 +62,7 @@ class Request:
     deadline: float
 
     def __post_init__(self) -> None:
-        if not isinstance(self.image, np.ndarray) or self.image.dtype != np.uint8 or self.image.ndim != 3:
+        if not isinstance(self.image, np.ndarray) or self.image.dtype != _UINT8 or self.image.ndim != 3:
             shape = getattr(self.image, "shape", None)
             dtype = getattr(self.image, "dtype", type(self.image).__name__)
             raise ProtocolError(f"request {self.id}: an image must be uint8 (H, W, C), got {dtype} {shape}")

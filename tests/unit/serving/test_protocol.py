@@ -140,12 +140,24 @@ def test_a_repeated_binary_header_reads_each_request_its_own_bytes_and_checks_th
     assert parsed.binary_outputs and parsed.id is None
     with pytest.raises(ProtocolError, match="NaN"):
         parse_infer_request(body[:size] + np.full(6, np.nan, np.float32).tobytes(), header_length)
+
     with pytest.raises(ProtocolError, match="runs past"):
         parse_infer_request(body[:-4], header_length)
     with pytest.raises(ProtocolError, match="belong to no tensor"):
         parse_infer_request(body + b"xx", header_length)
     with pytest.raises(PayloadTooLargeError, match="6 elements"):
         parse_infer_request(body, header_length, Limits(max_elements=5))
+
+
+@pytest.mark.parametrize("count", [3, 65, 1000], ids=["few", "just-many", "many"])
+@pytest.mark.parametrize("datatype", ["FP16", "FP32", "FP64"])
+def test_binary_nan_and_inf_are_refused_in_small_and_large_tensors(datatype: str, count: int) -> None:
+    for bad in (np.nan, np.inf, -np.inf):
+        values = np.zeros(count, DATATYPES[datatype])
+        values[count // 2] = bad
+        body, headers = render_infer_request(InferRequest(None, (InferTensor.of("x", values),)))
+        with pytest.raises(ProtocolError, match="NaN or infinite"):
+            parse_infer_request(body, headers[HEADER_LENGTH])
 
 
 @pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
