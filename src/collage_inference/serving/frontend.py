@@ -135,12 +135,14 @@ class FrontEnd:
         self._ids = itertools.count()
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = float("inf")
+        self._running_loop: asyncio.AbstractEventLoop | None = None
         self._tasks: set[asyncio.Task] = set()
         self._probes: list[asyncio.Task] = []
 
     # -- lifecycle --------------------------------------------------------------------------
 
     async def start(self) -> None:
+        self._running_loop = asyncio.get_running_loop()
         for pool in (self.scnn, *self.collage.values()):
             self._probes.append(asyncio.create_task(pool.run_probes(self.config.probe_interval)))
 
@@ -196,7 +198,7 @@ class FrontEnd:
             )
         now = self.clock.now()
         request = Request(f"r{next(self._ids)}", image, now, now + self.config.request_timeout)  # 1. admit
-        flight = _Flight(request, asyncio.get_running_loop().create_future())
+        flight = _Flight(request, self._loop().create_future())
         self._flights[request.id] = flight
         primary = self.scnn.pick()  # 2. dispatch
         self._apply(self.decoder.admit(request, now, worker_id=primary.id, backup=self.mode.collage))
@@ -307,7 +309,7 @@ class FrontEnd:
             self._timer.cancel()
         self._timer, self._timer_at = None, float("inf")
         self._timer_at = due
-        self._timer = asyncio.get_running_loop().call_at(due, self._on_timer) if due < float("inf") else None
+        self._timer = self._loop().call_at(due, self._on_timer) if due < float("inf") else None
 
     def _on_timer(self) -> None:
         self._timer, self._timer_at = None, float("inf")
@@ -332,8 +334,14 @@ class FrontEnd:
                 self.metrics.cancelled += 1
         flight.cancellable.clear()
 
+    def _loop(self) -> asyncio.AbstractEventLoop:
+        # Kept: on Python 3.11 every get_running_loop() is a getpid() system call.
+        if self._running_loop is None:
+            self._running_loop = asyncio.get_running_loop()
+        return self._running_loop
+
     def _spawn(self, coro) -> asyncio.Task:
-        task = asyncio.get_running_loop().create_task(coro)
+        task = self._loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task

@@ -115,6 +115,8 @@ class _Connection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's are not asyncio subclasses
+        # Kept: on Python 3.11 every get_running_loop() is a getpid() system call.
+        self.loop = asyncio.get_running_loop()
         self.door.connections.add(self)
         self._set_timer(KEEPALIVE_S, self._idle_timeout, for_request=False)
 
@@ -164,9 +166,7 @@ class _Connection(asyncio.Protocol):
             except Exception as exc:
                 outcome = exc
             if inspect.isawaitable(outcome):
-                self.answering = asyncio.get_running_loop().create_task(
-                    self._answer_later(f"POST {path}", outcome)
-                )
+                self.answering = self.loop.create_task(self._answer_later(f"POST {path}", outcome))
                 return
             self._send(f"POST {path}", outcome)
 
@@ -305,7 +305,7 @@ class _Connection(asyncio.Protocol):
 
     def _set_timer(self, delay: float, callback: Callable[[], None], for_request: bool) -> None:
         self._cancel_timer()
-        self._timer = asyncio.get_running_loop().call_later(delay, callback)
+        self._timer = self.loop.call_later(delay, callback)
         self._timer_for_request = for_request
 
     def _cancel_timer(self) -> None:

@@ -45,12 +45,15 @@ class _Connection(asyncio.Protocol):
         self.reused = False  # taken from the idle pool: a failure may be a stale keep-alive
         self._buffer = bytearray()
         self._waiter: asyncio.Future[HttpReply] | None = None
+        self._timer: asyncio.TimerHandle | None = None
         self._head: tuple[int, dict[str, str]] | None = None
 
     # -- asyncio callbacks --------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's are not asyncio subclasses
+        # Kept: on Python 3.11 every get_running_loop() is a getpid() system call.
+        self.loop = asyncio.get_running_loop()
 
     def data_received(self, data: bytes) -> None:
         if self._waiter is None or self._waiter.done():
@@ -75,12 +78,14 @@ class _Connection(asyncio.Protocol):
 
     # -- requests ------------------------------------------------------------------------------
 
-    def send(self, data: bytes) -> asyncio.Future[HttpReply]:
-        """Write the request now; the future resolves with its answer."""
+    def send(self, data: bytes, deadline: float) -> asyncio.Future[HttpReply]:
+        """Write the request now; the future resolves with its answer, or fails with
+        TimeoutError at ``deadline`` (loop time)."""
         assert self.transport is not None
         self._buffer.clear()
         self._head = None
-        self._waiter = asyncio.get_running_loop().create_future()
+        self._waiter = self.loop.create_future()
+        self._timer = self.loop.call_at(deadline, self._time_out)
         self.transport.write(data)
         return self._waiter
 
@@ -94,7 +99,15 @@ class _Connection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
+    def _time_out(self) -> None:
+        self._timer = None
+        self._finish(TimeoutError("no answer before the deadline"))
+        self.close()  # mid-answer: unusable
+
     def _finish(self, result: HttpReply | BaseException) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         waiter, self._waiter = self._waiter, None
         if waiter is not None and not waiter.done():
             waiter.set_exception(result) if isinstance(result, BaseException) else waiter.set_result(result)
@@ -190,32 +203,38 @@ class HttpClient:
         head += [f"{k}: {v}" for k, v in headers.items()]
         data = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body
         connection = self._take()
-        return self._exchange(data, connection, connection and connection.send(data), timeout)
+        deadline = (connection.loop if connection else asyncio.get_running_loop()).time() + timeout
+        return self._exchange(data, connection, connection and connection.send(data, deadline), deadline)
 
     async def _exchange(
         self,
         data: bytes,
         connection: _Connection | None,
         sent: asyncio.Future[HttpReply] | None,
-        timeout: float,
+        deadline: float,
     ) -> HttpReply:
-        async with asyncio.timeout(timeout):
-            while True:
-                if connection is None or sent is None:
+        # The whole exchange, retry included, ends by ``deadline``: a connection's own timer
+        # bounds each request on it (no timeout context per call), asyncio's bounds connecting.
+        while True:
+            if connection is None or sent is None:
+                async with asyncio.timeout_at(deadline):
                     connection = await self._connect()
-                    sent = connection.send(data)
-                try:
-                    reply = await sent
-                except (OSError, ProtocolError):
-                    connection.close()
-                    if connection.reused and connection.answered_nothing:
-                        connection = None  # a stale keep-alive connection: once more on a new one
-                        continue
-                    raise
-                except BaseException:  # timeout or cancellation mid-answer: unusable
-                    connection.close()
-                    raise
-                break
+                sent = connection.send(data, deadline)
+            try:
+                reply = await sent
+            except TimeoutError:
+                connection.close()
+                raise
+            except (OSError, ProtocolError):
+                connection.close()
+                if connection.reused and connection.answered_nothing:
+                    connection = None  # a stale keep-alive connection: once more on a new one
+                    continue
+                raise
+            except BaseException:  # cancellation mid-answer: unusable
+                connection.close()
+                raise
+            break
         if connection.closed or len(self._idle) >= MAX_IDLE:
             connection.close()
         else:
