@@ -24,6 +24,7 @@ apart. Requests on one connection are answered in order, one at a time, as HTTP/
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import inspect
 import json
@@ -326,10 +327,15 @@ def _http_date() -> str:
     return _date[1]
 
 
+@functools.cache
+def _status_line(status: int) -> str:
+    return f"HTTP/1.1 {status} {HTTPStatus(status).phrase}"
+
+
 def render_answer(status: int, headers: Mapping[str, str], body: bytes, close: bool = False) -> bytes:
     """A whole HTTP/1.1 answer, head and body, to be sent with one write."""
     lines = [
-        f"HTTP/1.1 {status} {HTTPStatus(status).phrase}",
+        _status_line(status),
         f"Content-Length: {len(body)}",
         f"Date: {_http_date()}",
         "Server: collage-inference",
