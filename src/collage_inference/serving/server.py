@@ -34,6 +34,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from email.utils import formatdate
 from http import HTTPStatus
+from types import MappingProxyType
 from typing import cast
 
 from aiohttp import web
@@ -50,6 +51,7 @@ from collage_inference.serving.protocol import Limits
 READY_PREFIX = "ready on "
 MAX_HEAD_BYTES = 16 * 2**10
 KEEPALIVE_S = 30.0  # idle keep-alive connections do not hold sockets for ever
+MAX_KEPT_HEADS = 256
 
 Payload = tuple[bytes, dict[str, str]]  # an answer's body and headers
 # (body, headers with lower-case names) -> the answer, at once or later; raises to refuse.
@@ -81,6 +83,9 @@ class FrontDoor:
         self.routes = routes
         self.connections: set[_Connection] = set()
         self.closing = False
+        # Clients send the same head with every request of a size (same path, same headers), so
+        # a parsed head is kept, keyed by its bytes, and a repeated one is not parsed again.
+        self.heads: dict[bytes, tuple[str, Mapping[str, str], int]] = {}
 
     def __call__(self) -> asyncio.Protocol:
         return _Connection(self)
@@ -102,6 +107,8 @@ class _Connection(asyncio.Protocol):
     """One client connection while the front door serves it."""
 
     def __init__(self, door: FrontDoor) -> None:
+        # Kept: on Python 3.11 every get_running_loop() is a getpid() system call.
+        self.loop = asyncio.get_running_loop()
         self.door = door
         self.routes = door.routes
         self.transport: asyncio.Transport | None = None
@@ -116,8 +123,6 @@ class _Connection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's are not asyncio subclasses
-        # Kept: on Python 3.11 every get_running_loop() is a getpid() system call.
-        self.loop = asyncio.get_running_loop()
         self.door.connections.add(self)
         self._set_timer(KEEPALIVE_S, self._idle_timeout, for_request=False)
 
@@ -171,7 +176,7 @@ class _Connection(asyncio.Protocol):
                 return
             self._send(f"POST {path}", outcome)
 
-    def _take_request(self) -> tuple[str, bytes, dict[str, str]] | None:
+    def _take_request(self) -> tuple[str, bytes, Mapping[str, str]] | None:
         """The next whole request for a fast route, taken from the buffer; None when there is
         none to answer now (bytes still to come, the connection handed off, or refused)."""
         buffer = self.buffer
@@ -188,10 +193,16 @@ class _Connection(asyncio.Protocol):
             else:
                 self._start_request_deadline()
             return None
-        fast = self._fast_request(bytes(buffer[:end]))
+        head = bytes(buffer[:end])
+        fast = self.door.heads.get(head)
         if fast is None:
-            self._hand_off()
-            return None
+            fast = self._fast_request(head)
+            if fast is None:
+                self._hand_off()
+                return None
+            if len(self.door.heads) >= MAX_KEPT_HEADS:
+                del self.door.heads[next(iter(self.door.heads))]  # the oldest
+            self.door.heads[head] = fast
         path, headers, length = fast
         if length > self.routes.limits.max_body_bytes:
             limit = self.routes.limits.max_body_bytes
@@ -208,7 +219,7 @@ class _Connection(asyncio.Protocol):
             self.close_after = True
         return path, body, headers
 
-    def _fast_request(self, head: bytes) -> tuple[str, dict[str, str], int] | None:
+    def _fast_request(self, head: bytes) -> tuple[str, Mapping[str, str], int] | None:
         """(path, headers, body length) of a request the front door answers, else None."""
         lines = head.decode("latin-1").split("\r\n")
         parts = lines[0].split(" ")
@@ -231,7 +242,7 @@ class _Connection(asyncio.Protocol):
             or {"transfer-encoding", "expect", "upgrade"} & headers.keys()
         ):
             return None
-        return path, headers, int(length)
+        return path, MappingProxyType(headers), int(length)  # shared by repeats of this head
 
     def _hand_off(self) -> None:
         """aiohttp serves this connection from now on, starting with the bytes read so far."""

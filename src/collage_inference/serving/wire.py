@@ -40,6 +40,8 @@ class _Connection(asyncio.Protocol):
     """One keep-alive connection; one request at a time."""
 
     def __init__(self) -> None:
+        # Kept: on Python 3.11 every get_running_loop() is a getpid() system call.
+        self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.reused = False  # taken from the idle pool: a failure may be a stale keep-alive
@@ -52,8 +54,6 @@ class _Connection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's are not asyncio subclasses
-        # Kept: on Python 3.11 every get_running_loop() is a getpid() system call.
-        self.loop = asyncio.get_running_loop()
 
     def data_received(self, data: bytes) -> None:
         if self._waiter is None or self._waiter.done():

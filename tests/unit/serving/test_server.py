@@ -194,6 +194,25 @@ def test_the_token_guards_the_fast_route() -> None:
     in_loop(test)
 
 
+def test_a_repeated_head_is_parsed_once_and_still_checked_every_time() -> None:
+    async def test() -> None:
+        async with Door(token="s3cret") as door:
+            reader, writer = await door.connect()
+            for body in (b"a", b"b", b"c"):  # one length: byte-identical heads
+                writer.write(post(body, extra="Authorization: Bearer s3cret\r\nX-Tag: t\r\n"))
+                status, headers, answer = await read_answer(reader)
+                assert (status, answer, headers["x-seen"]) == (200, b"fast:" + body, "t")
+            assert len(door.door.heads) == 1
+            writer.write(post(b"d", extra="Authorization: Bearer wrong\r\nX-Tag: t\r\n"))
+            assert (await read_answer(reader))[0] == 401
+            writer.write(post(b"e", extra="Authorization: Bearer s3cret\r\nX-Tag: t\r\n"))
+            assert (await read_answer(reader))[2] == b"fast:e"  # the token is checked every time
+            assert door.fast_calls == [b"a", b"b", b"c", b"e"]
+            writer.close()
+
+    in_loop(test)
+
+
 def test_an_oversized_body_is_refused_before_it_is_read() -> None:
     async def test() -> None:
         async with Door() as door:
