@@ -201,8 +201,10 @@ class FrontEnd:
         flight = _Flight(request, self._loop().create_future())
         self._flights[request.id] = flight
         primary = self.scnn.pick()  # 2. dispatch
-        self._apply(self.decoder.admit(request, now, worker_id=primary.id, backup=self.mode.collage))
+        # The call first: the bookkeeping below then runs while the worker computes. Whatever
+        # the call does comes back through the event loop, after the decoder has the request.
         self._send_single(flight, primary, Source.PRIMARY)
+        self._apply(self.decoder.admit(request, now, worker_id=primary.id, backup=self.mode.collage))
         for _ in range(self.mode.copies - 1):
             self._send_single(flight, self.scnn.pick(exclude=primary.id), Source.PRIMARY)
         if self.mode.collage:  # 3. group, 4. backup
