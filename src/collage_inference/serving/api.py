@@ -191,10 +191,7 @@ async def _infer_response(
     # Where each answer's time went: admission to answer, and the timings of the call that
     # answered it (worker queue and compute, the front end's round trip, a patient hold).
     parameters: dict[str, list[float | None]] = {"latency_ms": [round(a.latency * 1e3, 3) for a in answers]}
-    keys = (
-        sorted(answers[0].timings) if len(answers) == 1 else sorted({k for a in answers for k in a.timings})
-    )
-    for key in keys:
+    for key in sorted({k for a in answers for k in a.timings}):
         parameters[f"{key}_ms"] = [_ms(a.timings.get(key)) for a in answers]
     return render_column_response(
         model_name,

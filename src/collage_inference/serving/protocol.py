@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import math
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, cast
@@ -699,12 +699,7 @@ def render_column_response(
             tail.append(raw)
             entry["parameters"] = {"binary_data_size": len(raw)}
         elif datatype == "BYTES":
-            try:
-                entry["data"] = [v.decode() for v in values]
-            except UnicodeDecodeError:
-                raise ProtocolError(
-                    f"tensor {name!r} holds non-UTF-8 bytes; request it as binary data"
-                ) from None
+            entry["data"] = _texts(name, values)
         elif datatype in ("FP16", "FP32"):  # rounded, as the array of that datatype would give them back
             code = f"<{len(values)}{_STRUCT_CODES[datatype]}"
             entry["data"] = list(struct.unpack(code, _pack_column(name, datatype, values)))
@@ -721,7 +716,7 @@ def render_column_response(
 def _pack_column(name: str, datatype: str, values: list) -> bytes:
     """A column's binary layout: as :func:`_tensor_bytes` gives it for the same tensor."""
     if datatype == "BYTES":
-        return b"".join([len(v).to_bytes(4, "little") + v for v in values])
+        return _length_prefixed(values)
     try:
         return struct.pack(f"<{len(values)}{_STRUCT_CODES[datatype]}", *values)
     except (struct.error, OverflowError) as exc:
@@ -736,12 +731,7 @@ def _render_tensor(tensor: InferTensor, binary: bool, tail: list[bytes]) -> dict
         tail.append(raw)
         parameters["binary_data_size"] = len(raw)
     elif tensor.datatype == "BYTES":
-        try:
-            entry["data"] = [v.decode() for v in tensor.data.ravel()]
-        except UnicodeDecodeError:
-            raise ProtocolError(
-                f"tensor {tensor.name!r} holds non-UTF-8 bytes; request it as binary data"
-            ) from None
+        entry["data"] = _texts(tensor.name, tensor.data.ravel())
     else:
         if tensor.data.dtype.kind == "f" and tensor.data.size and not np.isfinite(tensor.data).all():
             raise ProtocolError(f"cannot render the payload as JSON: tensor {tensor.name!r} holds NaN or inf")
@@ -754,8 +744,21 @@ def _render_tensor(tensor: InferTensor, binary: bool, tail: list[bytes]) -> dict
 
 def _tensor_bytes(tensor: InferTensor) -> bytes:
     if tensor.datatype == "BYTES":
-        return b"".join(len(v).to_bytes(4, "little") + v for v in tensor.data.ravel())
+        return _length_prefixed(tensor.data.ravel())
     return np.ascontiguousarray(tensor.data, DATATYPES[tensor.datatype]).tobytes()
+
+
+def _length_prefixed(values: Iterable[bytes]) -> bytes:
+    """BYTES elements in the binary layout: each a 4-byte little-endian length, then the bytes."""
+    return b"".join([len(v).to_bytes(4, "little") + v for v in values])
+
+
+def _texts(name: str, values: Iterable[bytes]) -> list[str]:
+    """BYTES elements as the strings JSON holds them in."""
+    try:
+        return [v.decode() for v in values]
+    except UnicodeDecodeError:
+        raise ProtocolError(f"tensor {name!r} holds non-UTF-8 bytes; request it as binary data") from None
 
 
 def _render_body(doc: dict[str, Any], tail: list[bytes]) -> tuple[bytes, dict[str, str]]:
