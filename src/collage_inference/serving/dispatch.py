@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
+import math
 import time
 from collections import Counter
 from collections.abc import Awaitable, Iterable
@@ -58,14 +58,16 @@ class Inference:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-@functools.lru_cache(maxsize=64)
 def _infer_head(shape: tuple[int, ...]) -> tuple[bytes, dict[str, str]]:
     """The JSON header and the HTTP headers of an infer call on a uint8 image batch of
-    ``shape``. They depend on the shape alone, so each is rendered once: a call carries no id,
-    since its answer comes back on the call's own connection."""
+    ``shape``. They depend on the shape alone: a call carries no id, since its answer comes
+    back on the call's own connection."""
     request = InferRequest(None, (InferTensor.of("image", np.zeros(shape, np.uint8)),), _WANT)
     body, headers = render_infer_request(request, binary_inputs=True)
     return body[: int(headers[HEADER_LENGTH])], headers
+
+
+_MAX_PREFIXES = 64
 
 
 class Worker(Protocol):
@@ -101,6 +103,7 @@ class WorkerClient:
         self._session = session
         self._auth = {"Authorization": f"Bearer {token}"} if token else {}
         self._http: HttpClient | None = None
+        self._prefixes: dict[tuple[int, ...], bytes] = {}  # image batch shape -> request head
         self.retarget(url)
         self.outstanding = 0
         self.up = True
@@ -117,6 +120,7 @@ class WorkerClient:
         # The hot path (infer) goes through the lean client; metadata and probes through aiohttp.
         self._http = HttpClient(self.url)
         self._infer_path = f"{urlsplit(self.url).path}/v2/models/{self.model}/infer"
+        self._prefixes.clear()
 
     def close(self) -> None:
         """Close the idle keep-alive connections of the inference path."""
@@ -132,9 +136,8 @@ class WorkerClient:
         """
         start = time.perf_counter()
         try:
-            head, headers = _infer_head(images.shape)
-            body = head + (images if images.dtype == _UINT8 else images.astype(np.uint8)).tobytes()
-            reply = self._http.post(self._infer_path, body, {**headers, **self._auth}, timeout)
+            pixels = (images if images.dtype == _UINT8 else images.astype(np.uint8)).tobytes()
+            reply = self._http.send(self._prefix(images.shape) + pixels, timeout)
         except OSError as exc:  # the write itself failed: the connection is broken
             self.outstanding -= 1
             self.mark_down()
@@ -143,6 +146,19 @@ class WorkerClient:
             self.outstanding -= 1
             raise
         return self._result(reply, len(images), start)
+
+    def _prefix(self, shape: tuple[int, ...]) -> bytes:
+        """The HTTP head and the JSON header of a call on images of ``shape``: the same for
+        every call of that shape, so rendered once."""
+        prefix = self._prefixes.get(shape)
+        if prefix is None:
+            header, headers = _infer_head(shape)
+            length = len(header) + math.prod(shape)
+            prefix = self._http.post_head(self._infer_path, {**headers, **self._auth}, length) + header
+            if len(self._prefixes) >= _MAX_PREFIXES:
+                self._prefixes.clear()
+            self._prefixes[shape] = prefix
+        return prefix
 
     async def _result(self, pending: Awaitable[HttpReply], count: int, start: float) -> Inference:
         try:

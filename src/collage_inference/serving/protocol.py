@@ -234,13 +234,37 @@ def parse_infer_response(
     name = doc.get("model_name")
     if not isinstance(name, str):
         raise ProtocolError('the response needs a "model_name" string')
+    layouts, elements = _output_layouts(outputs, limits)
+    _check_elements(elements, limits, "the response")
     return InferResponse(
         model_name=name,
-        outputs=_parse_tensors(outputs, binary, limits, "output"),
+        outputs=_fill_tensors(layouts, binary, "output"),
         id=_optional_str(doc, "id", "the response"),
         model_version=_optional_str(doc, "model_version", "the response"),
         parameters=_parameters(doc, "the response"),
     )
+
+
+# A worker answers every call of a shape with the same outputs part; only the parameters (its
+# timings) change. So checked binary output layouts are kept, keyed by that part's JSON.
+_OUTPUT_LAYOUTS: dict[bytes, tuple[tuple[_Layout, ...], int]] = {}
+
+
+def _output_layouts(outputs: list, limits: Limits) -> tuple[tuple[_Layout, ...], int]:
+    """The checked layouts of a response's ``outputs`` entries, and the elements they hold."""
+    try:
+        key: bytes | None = orjson.dumps(outputs)
+    except TypeError:  # nothing orjson cannot write is worth keeping
+        key = None
+    kept = _OUTPUT_LAYOUTS.get(key) if key is not None else None
+    if kept is not None:
+        return kept
+    kept = _tensor_layouts(outputs, limits, "output")
+    if key is not None and len(key) <= _MAX_TEMPLATE_BYTES and all(t.data is None for t in kept[0]):
+        if len(_OUTPUT_LAYOUTS) >= _MAX_TEMPLATES:
+            del _OUTPUT_LAYOUTS[next(iter(_OUTPUT_LAYOUTS))]  # the oldest
+        _OUTPUT_LAYOUTS[key] = kept
+    return kept
 
 
 def _split_body(body: bytes, header_length: str | int | None, limits: Limits) -> tuple[dict, memoryview]:
@@ -384,11 +408,6 @@ class _Layout:
     parameters: Mapping[str, Any]
     size: int | None
     data: np.ndarray | None
-
-
-def _parse_tensors(entries: list, binary: memoryview, limits: Limits, role: str) -> tuple[InferTensor, ...]:
-    layouts, _ = _tensor_layouts(entries, limits, role)
-    return _fill_tensors(layouts, binary, role)
 
 
 def _tensor_layouts(entries: list, limits: Limits, role: str) -> tuple[tuple[_Layout, ...], int]:

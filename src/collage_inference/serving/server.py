@@ -116,15 +116,20 @@ class _Connection(asyncio.Protocol):
         self.answering: asyncio.Task[None] | None = None  # the handler of the request in progress
         self.close_after = False  # the client asked to close, or sent EOF: no request after this
         self.write_paused = False
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_for_request = False  # the timer is the deadline of a request being read
+        # The deadline of a request being read, and the keep-alive check. The check is not moved
+        # on every request (a timer per request costs more than the request's own bookkeeping):
+        # it runs every KEEPALIVE_S and closes a connection idle since that long.
+        self._deadline: asyncio.TimerHandle | None = None
+        self._keepalive: asyncio.TimerHandle | None = None
+        self.idle_since = 0.0  # loop time when the connection last ran out of work
 
     # -- asyncio callbacks --------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's are not asyncio subclasses
         self.door.connections.add(self)
-        self._set_timer(KEEPALIVE_S, self._idle_timeout, for_request=False)
+        self.idle_since = self.loop.time()
+        self._keepalive = self.loop.call_later(KEEPALIVE_S, self._check_idle)
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
@@ -139,7 +144,7 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.door.connections.discard(self)
-        self._cancel_timer()
+        self._cancel_timers()
         self.transport = None
 
     def pause_writing(self) -> None:
@@ -151,7 +156,7 @@ class _Connection(asyncio.Protocol):
             self._next()
 
     def close(self) -> None:
-        self._cancel_timer()
+        self._cancel_timers()
         transport, self.transport = self.transport, None
         if transport is not None:
             transport.close()
@@ -184,7 +189,7 @@ class _Connection(asyncio.Protocol):
             if self.close_after or self.door.closing:
                 self.close()
             else:
-                self._set_timer(KEEPALIVE_S, self._idle_timeout, for_request=False)
+                self.idle_since = self.loop.time()
             return None
         end = buffer.find(b"\r\n\r\n")
         if end < 0:
@@ -214,7 +219,9 @@ class _Connection(asyncio.Protocol):
             return None
         body = bytes(buffer[start : start + length])
         del buffer[: start + length]
-        self._cancel_timer()
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
         if headers.get("connection", "").lower() == "close":
             self.close_after = True
         return path, body, headers
@@ -248,7 +255,7 @@ class _Connection(asyncio.Protocol):
         """aiohttp serves this connection from now on, starting with the bytes read so far."""
         transport = self.transport
         assert transport is not None
-        self._cancel_timer()
+        self._cancel_timers()
         self.door.connections.discard(self)
         self.transport = None
         protocol = self.door.fallback()
@@ -297,11 +304,11 @@ class _Connection(asyncio.Protocol):
     # -- deadlines ----------------------------------------------------------------------------
 
     def _start_request_deadline(self) -> None:
-        if not self._timer_for_request:
-            self._set_timer(self.routes.limits.body_timeout, self._request_timeout, for_request=True)
+        if self._deadline is None:
+            self._deadline = self.loop.call_later(self.routes.limits.body_timeout, self._request_timeout)
 
     def _request_timeout(self) -> None:
-        self._timer = None
+        self._deadline = None
         seconds = f"{self.routes.limits.body_timeout:g}s"
         if self.buffer.find(b"\r\n\r\n") < 0:
             self._refuse(RequestTimeoutError(f"the request head took longer than {seconds} to arrive"))
@@ -310,20 +317,21 @@ class _Connection(asyncio.Protocol):
                 RequestTimeoutError(f"the body took longer than {seconds} to arrive; send it at once")
             )
 
-    def _idle_timeout(self) -> None:
-        self._timer = None
-        if self.answering is None and not self.buffer:
+    def _check_idle(self) -> None:
+        """Close the connection if it has been idle for KEEPALIVE_S; else look again when it
+        could have been."""
+        idle = self.loop.time() - self.idle_since if self.answering is None and not self.buffer else 0.0
+        if idle >= KEEPALIVE_S:
+            self._keepalive = None
             self.close()
+        else:
+            self._keepalive = self.loop.call_later(KEEPALIVE_S - idle, self._check_idle)
 
-    def _set_timer(self, delay: float, callback: Callable[[], None], for_request: bool) -> None:
-        self._cancel_timer()
-        self._timer = self.loop.call_later(delay, callback)
-        self._timer_for_request = for_request
-
-    def _cancel_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer, self._timer_for_request = None, False
+    def _cancel_timers(self) -> None:
+        for timer in (self._deadline, self._keepalive):
+            if timer is not None:
+                timer.cancel()
+        self._deadline = self._keepalive = None
 
 
 _date = (0, "")

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import cast
 from urllib.parse import urlsplit
 
@@ -27,28 +28,52 @@ from collage_inference.errors import ConfigError, ProtocolError
 
 MAX_HEAD_BYTES = 64 * 2**10
 MAX_IDLE = 256  # idle connections kept per origin
+MAX_KEPT_HEADS = 256  # parsed answer heads kept per origin
 
 
 @dataclass(frozen=True, eq=False)
 class HttpReply:
     status: int
-    headers: dict[str, str]  # names in lower case
+    headers: Mapping[str, str]  # names in lower case
     body: bytes
+
+
+@dataclass(frozen=True, eq=False)
+class _Head:
+    """A parsed answer head: what the body's framing and the connection's reuse depend on."""
+
+    status: int
+    headers: Mapping[str, str]
+    chunked: bool
+    length: int  # of the body, when not chunked
+    close: bool
+
+    @classmethod
+    def parse(cls, raw: bytes) -> _Head:
+        status, headers = _parse_head(raw)
+        chunked = headers.get("transfer-encoding", "").lower() == "chunked"
+        try:
+            length = 0 if chunked else int(headers.get("content-length", "0"))
+        except ValueError:
+            raise ProtocolError(f"bad Content-Length {headers['content-length']!r}") from None
+        close = headers.get("connection", "").lower() == "close"
+        return cls(status, MappingProxyType(headers), chunked, length, close)
 
 
 class _Connection(asyncio.Protocol):
     """One keep-alive connection; one request at a time."""
 
-    def __init__(self) -> None:
+    def __init__(self, heads: dict[bytes, _Head]) -> None:
         # Kept: on Python 3.11 every get_running_loop() is a getpid() system call.
         self.loop = asyncio.get_running_loop()
+        self.heads = heads  # shared by the origin's connections
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.reused = False  # taken from the idle pool: a failure may be a stale keep-alive
         self._buffer = bytearray()
         self._waiter: asyncio.Future[HttpReply] | None = None
         self._timer: asyncio.TimerHandle | None = None
-        self._head: tuple[int, dict[str, str]] | None = None
+        self._head: _Head | None = None
 
     # -- asyncio callbacks --------------------------------------------------------------------
 
@@ -118,30 +143,35 @@ class _Connection(asyncio.Protocol):
 
     def _parse(self) -> HttpReply | None:
         buffer = self._buffer
-        if self._head is None:
+        head = self._head
+        if head is None:
             end = buffer.find(b"\r\n\r\n")
             if end < 0:
                 if len(buffer) > MAX_HEAD_BYTES:
                     raise ProtocolError("the answer's headers exceed 64 KiB")
                 return None
-            self._head = _parse_head(bytes(buffer[:end]))
+            # A server answers calls of one kind with the same head but for a few lengths, so a
+            # parsed head is kept, keyed by its bytes, and a repeated one is not parsed again.
+            raw = bytes(buffer[:end])
+            head = self.heads.get(raw)
+            if head is None:
+                head = _Head.parse(raw)
+                if len(self.heads) >= MAX_KEPT_HEADS:
+                    del self.heads[next(iter(self.heads))]  # the oldest
+                self.heads[raw] = head
+            self._head = head
             del buffer[: end + 4]
-        status, headers = self._head
-        if headers.get("transfer-encoding", "").lower() == "chunked":
+        if head.chunked:
             body = _dechunk(buffer)
             if body is None:
                 return None
         else:
-            try:
-                length = int(headers.get("content-length", "0"))
-            except ValueError:
-                raise ProtocolError(f"bad Content-Length {headers['content-length']!r}") from None
-            if len(buffer) < length:
+            if len(buffer) < head.length:
                 return None
-            body = bytes(buffer[:length])
-        if headers.get("connection", "").lower() == "close":
+            body = bytes(buffer[: head.length])
+        if head.close:
             self.closed = True
-        return HttpReply(status, headers, body)
+        return HttpReply(head.status, head.headers, body)
 
 
 def _parse_head(head: bytes) -> tuple[int, dict[str, str]]:
@@ -190,8 +220,11 @@ class HttpClient:
         self._ssl = ssl.create_default_context() if parts.scheme == "https" else None
         self._host_header = parts.netloc
         self._idle: list[_Connection] = []
+        self._heads: dict[bytes, _Head] = {}
 
-    def post(self, path: str, body: bytes, headers: dict[str, str], timeout: float) -> Awaitable[HttpReply]:
+    def post(
+        self, path: str, body: bytes, headers: Mapping[str, str], timeout: float
+    ) -> Awaitable[HttpReply]:
         """POST ``body`` to ``path``; the awaitable raises OSError, TimeoutError or ProtocolError
         on failure.
 
@@ -199,9 +232,17 @@ class HttpClient:
         server is at work while the caller's task gets scheduled; otherwise it is written once
         a new connection is up.
         """
-        head = [f"POST {path} HTTP/1.1", f"Host: {self._host_header}", f"Content-Length: {len(body)}"]
+        return self.send(self.post_head(path, headers, len(body)) + body, timeout)
+
+    def post_head(self, path: str, headers: Mapping[str, str], length: int) -> bytes:
+        """The head of a POST of ``length`` body bytes. A caller that sends many requests of one
+        shape renders it once and passes it, with each body, to :meth:`send`."""
+        head = [f"POST {path} HTTP/1.1", f"Host: {self._host_header}", f"Content-Length: {length}"]
         head += [f"{k}: {v}" for k, v in headers.items()]
-        data = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body
+        return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1")
+
+    def send(self, data: bytes, timeout: float) -> Awaitable[HttpReply]:
+        """Send a whole request (head and body, as :meth:`post` builds it); as :meth:`post`."""
         connection = self._take()
         deadline = (connection.loop if connection else asyncio.get_running_loop()).time() + timeout
         return self._exchange(data, connection, connection and connection.send(data, deadline), deadline)
@@ -257,5 +298,7 @@ class HttpClient:
 
     async def _connect(self) -> _Connection:
         loop = asyncio.get_running_loop()
-        _, connection = await loop.create_connection(_Connection, self.host, self.port, ssl=self._ssl)
+        _, connection = await loop.create_connection(
+            lambda: _Connection(self._heads), self.host, self.port, ssl=self._ssl
+        )
         return connection

@@ -183,6 +183,29 @@ def test_responses_round_trip(binary: bool) -> None:
         parsed.output("nope")
 
 
+def test_answers_with_the_same_outputs_read_their_own_parameters_and_bytes() -> None:
+    """A worker's answers differ in their timings only: the second is read with the kept output
+    layouts, yet gets its own parameters and values, and the same refusals as the first."""
+
+    def answer(values: np.ndarray, queue_ms: float) -> tuple[bytes, str]:
+        response = InferResponse("m", (InferTensor.of("p", values),), parameters={"queue_ms": queue_ms})
+        body, headers = render_infer_response(response, InferRequest(None, (), binary_outputs=True))
+        return body, headers[HEADER_LENGTH]
+
+    first = np.full((1, 4), 0.25, np.float32)
+    for values, queue_ms in ((first, 0.5), (first / 2, 12.125)):
+        parsed = parse_infer_response(*answer(values, queue_ms))
+        assert parsed.parameters == {"queue_ms": queue_ms}
+        np.testing.assert_array_equal(parsed.output("p").data, values)
+    body, header_length = answer(first, 1.0)
+    with pytest.raises(PayloadTooLargeError, match="4 elements"):
+        parse_infer_response(body, header_length, Limits(max_elements=3))
+    with pytest.raises(ProtocolError, match="NaN"):
+        parse_infer_response(answer(np.full((1, 4), np.nan, np.float32), 1.0)[0], header_length)
+    with pytest.raises(ProtocolError, match="runs past"):
+        parse_infer_response(body[:-4], header_length)
+
+
 def test_json_response_content_type() -> None:
     _, headers = render_infer_response(InferResponse("m", (InferTensor.of("y", np.zeros(1, np.float32)),)))
     assert headers == {"Content-Type": "application/json"}

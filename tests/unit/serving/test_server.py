@@ -14,6 +14,7 @@ import pytest
 from aiohttp import web
 
 from collage_inference.errors import ProtocolError
+from collage_inference.serving import server
 from collage_inference.serving.http import run, server_middlewares
 from collage_inference.serving.protocol import Limits
 from collage_inference.serving.server import FastRoutes, FrontDoor
@@ -241,6 +242,29 @@ def test_a_trickling_client_gets_408_and_loses_the_socket(partial: bytes, what: 
             status, _, body = await read_answer(reader)
             assert status == 408 and what in json.loads(body)["error"]
             assert await reader.read() == b""
+
+    in_loop(test)
+
+
+def test_an_idle_keep_alive_connection_is_closed_and_a_used_one_is_not(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(server, "KEEPALIVE_S", 0.4)
+
+    async def test() -> None:
+        async with Door() as door:
+            idle_reader, _ = await door.connect()
+            reader, writer = await door.connect()
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            while loop.time() - started < 0.7:  # past the first check: used 0.1 s before it
+                writer.write(post(b"x"))
+                assert (await read_answer(reader))[2] == b"fast:x"
+                await asyncio.sleep(0.1)
+            ended = loop.time()  # the last answer was at most 0.1 s before
+            assert await asyncio.wait_for(idle_reader.read(), 1) == b""  # closed at 0.4 s
+            assert await asyncio.wait_for(reader.read(), 1) == b""  # idle from now on: closed too
+            assert loop.time() - ended >= 0.25  # 0.4 s after its last answer, not at a check before
 
     in_loop(test)
 

@@ -60,6 +60,35 @@ def test_keep_alive_reuses_one_connection_and_sends_one_write() -> None:
     assert b"Content-Length: 5" in requests[0] and b"Content-Type: x/y" in requests[0]
 
 
+def test_a_repeated_answer_head_is_parsed_once_per_origin() -> None:
+    requests = []
+
+    async def script(reader, writer):
+        while True:
+            try:
+                requests.append(await read_request(reader))
+            except asyncio.IncompleteReadError:
+                return
+            body = b"x" * (1 + len(requests) % 2)  # two lengths: two heads
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nX-A: b\r\n\r\n" % len(body) + body)
+            await writer.drain()
+
+    async def test(url):
+        client = HttpClient(url)
+        replies = [await client.post("/p", b"q", {"X-T": "1"}, 5.0) for _ in range(4)]
+        assert [r.body for r in replies] == [b"xx", b"x", b"xx", b"x"]
+        assert all(r.headers["x-a"] == "b" for r in replies)
+        assert len(client._heads) == 2  # the cache is what is tested
+        with pytest.raises(TypeError):
+            replies[0].headers["x-a"] = "changed"  # shared by every answer with that head
+        head = client.post_head("/p", {"X-T": "1"}, 1)
+        assert (await client.send(head + b"q", 5.0)).body == b"xx"
+        client.close()
+
+    asyncio.run(with_server(script, test))
+    assert len(set(requests)) == 1  # send() with post_head() writes what post() writes
+
+
 def test_chunked_answers_and_connection_close() -> None:
     connections = []
 
