@@ -135,6 +135,7 @@ class FrontEnd:
         self._ids = itertools.count()
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = float("inf")
+        self._rescheduling: asyncio.Handle | None = None  # a _schedule() queued on the loop
         self._running_loop: asyncio.AbstractEventLoop | None = None
         self._tasks: set[asyncio.Task] = set()
         self._probes: list[asyncio.Task] = []
@@ -161,7 +162,9 @@ class FrontEnd:
                 await task
         if self._timer:
             self._timer.cancel()
-        self._timer, self._timer_at = None, float("inf")
+        if self._rescheduling:
+            self._rescheduling.cancel()
+        self._timer, self._timer_at, self._rescheduling = None, float("inf"), None
 
     @property
     def ready(self) -> bool:
@@ -209,7 +212,7 @@ class FrontEnd:
             self._send_single(flight, self.scnn.pick(exclude=primary.id), Source.PRIMARY)
         if self.mode.collage:  # 3. group, 4. backup
             self._close_groups(self.grouper.add(request, now))
-        self._schedule()
+        self._schedule_soon()
         return flight.future  # 6. answer
 
     def _send_single(self, flight: _Flight, worker: Worker, source: Source) -> None:
@@ -299,10 +302,18 @@ class FrontEnd:
             elif isinstance(action, Reissue):
                 self.metrics.reissues += 1
                 self._send_single(flight, self.scnn.pick(exclude=action.exclude_worker), Source.REPLICA)
-        self._schedule()
+        self._schedule_soon()
+
+    def _schedule_soon(self) -> None:
+        """Re-aim the timer once the callbacks running now are done: after the answers they
+        resolved are written (the answering task was queued first), and once for however many
+        requests they touched. A timer set a loop turn later still fires at its deadline."""
+        if self._rescheduling is None:
+            self._rescheduling = self._loop().call_soon(self._schedule)
 
     def _schedule(self) -> None:
         """Keep one timer at the earliest grouper or decoder deadline."""
+        self._rescheduling = None
         deadlines = (self.grouper.next_deadline(), self.decoder.next_deadline())
         due = min((d for d in deadlines if d is not None), default=float("inf"))
         if due >= self._timer_at:
