@@ -116,9 +116,9 @@ class _Connection(asyncio.Protocol):
         self.answering: asyncio.Task[None] | None = None  # the handler of the request in progress
         self.close_after = False  # the client asked to close, or sent EOF: no request after this
         self.write_paused = False
-        # The deadline of a request being read, and the keep-alive check. The check is not moved
-        # on every request (a timer per request costs more than the request's own bookkeeping):
-        # it runs every KEEPALIVE_S and closes a connection idle since that long.
+        # The deadline of a request being read, and the keep-alive check. The check is not
+        # re-armed on every request (a cancelled and a new timer each time): it looks every
+        # KEEPALIVE_S or so and closes a connection that has been idle that long.
         self._deadline: asyncio.TimerHandle | None = None
         self._keepalive: asyncio.TimerHandle | None = None
         self.idle_since = 0.0  # loop time when the connection last ran out of work
