@@ -253,17 +253,17 @@ _OUTPUT_LAYOUTS: dict[bytes, tuple[tuple[_Layout, ...], int]] = {}
 def _output_layouts(outputs: list, limits: Limits) -> tuple[tuple[_Layout, ...], int]:
     """The checked layouts of a response's ``outputs`` entries, and the elements they hold."""
     try:
-        key: bytes | None = orjson.dumps(outputs)
-    except TypeError:  # nothing orjson cannot write is worth keeping
-        key = None
-    kept = _OUTPUT_LAYOUTS.get(key) if key is not None else None
-    if kept is not None:
-        return kept
-    kept = _tensor_layouts(outputs, limits, "output")
-    if key is not None and len(key) <= _MAX_TEMPLATE_BYTES and all(t.data is None for t in kept[0]):
-        if len(_OUTPUT_LAYOUTS) >= _MAX_TEMPLATES:
-            del _OUTPUT_LAYOUTS[next(iter(_OUTPUT_LAYOUTS))]  # the oldest
-        _OUTPUT_LAYOUTS[key] = kept
+        key = orjson.dumps(outputs)
+    except TypeError:  # what orjson cannot write is not worth keeping
+        return _tensor_layouts(outputs, limits, "output")
+    kept = _OUTPUT_LAYOUTS.get(key)
+    if kept is None:
+        kept = _tensor_layouts(outputs, limits, "output")
+        # orjson writes infinities as null, so a key holding null may stand for two documents.
+        if b"null" not in key and len(key) <= _MAX_TEMPLATE_BYTES and all(t.data is None for t in kept[0]):
+            if len(_OUTPUT_LAYOUTS) >= _MAX_TEMPLATES:
+                del _OUTPUT_LAYOUTS[next(iter(_OUTPUT_LAYOUTS))]  # the oldest
+            _OUTPUT_LAYOUTS[key] = kept
     return kept
 
 

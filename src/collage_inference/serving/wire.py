@@ -52,12 +52,11 @@ class _Head:
     def parse(cls, raw: bytes) -> _Head:
         status, headers = _parse_head(raw)
         chunked = headers.get("transfer-encoding", "").lower() == "chunked"
-        try:
-            length = 0 if chunked else int(headers.get("content-length", "0"))
-        except ValueError:
-            raise ProtocolError(f"bad Content-Length {headers['content-length']!r}") from None
+        length = headers.get("content-length", "0")
+        if not chunked and not (length.isascii() and length.isdigit()):  # int() takes "-1", "1_0"
+            raise ProtocolError(f"bad Content-Length {length!r}")
         close = headers.get("connection", "").lower() == "close"
-        return cls(status, MappingProxyType(headers), chunked, length, close)
+        return cls(status, MappingProxyType(headers), chunked, 0 if chunked else int(length), close)
 
 
 class _Connection(asyncio.Protocol):

@@ -206,6 +206,17 @@ def test_answers_with_the_same_outputs_read_their_own_parameters_and_bytes() -> 
         parse_infer_response(body[:-4], header_length)
 
 
+def test_outputs_that_json_writes_alike_are_not_confused() -> None:
+    """1e400 reads as infinity, which orjson writes as null: such outputs are read afresh."""
+    for scale in (b"1e400", b"null", b"1e400"):
+        header = (
+            b'{"model_name":"m","outputs":[{"name":"p","datatype":"FP32","shape":[1],'
+            b'"parameters":{"binary_data_size":4,"scale":' + scale + b"}}]}"
+        )
+        parsed = parse_infer_response(header + np.ones(1, np.float32).tobytes(), len(header))
+        assert parsed.output("p").parameters["scale"] == (None if scale == b"null" else float("inf"))
+
+
 def test_json_response_content_type() -> None:
     _, headers = render_infer_response(InferResponse("m", (InferTensor.of("y", np.zeros(1, np.float32)),)))
     assert headers == {"Content-Type": "application/json"}

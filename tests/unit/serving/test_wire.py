@@ -139,6 +139,8 @@ def test_a_stale_keep_alive_connection_is_retried_once_on_a_new_one() -> None:
         b"SPAM\r\n\r\n",
         b"HTTP/1.1 200 OK\r\nno colon here\r\n\r\n",
         b"HTTP/1.1 200\r\nContent-Length: x\r\n\r\n",
+        b"HTTP/1.1 200\r\nContent-Length: -1\r\n\r\n",
+        b"HTTP/1.1 200\r\nContent-Length: 1_0\r\n\r\n0123456789",
     ],
 )
 def test_garbage_answers_are_protocol_errors(answer: bytes) -> None:
