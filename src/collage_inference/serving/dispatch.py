@@ -23,6 +23,7 @@ import aiohttp
 import numpy as np
 
 from collage_inference.errors import ProtocolError, UnavailableError, WorkerError
+from collage_inference.serving.kept import Kept
 from collage_inference.serving.protocol import (
     InferRequest,
     InferTensor,
@@ -36,6 +37,7 @@ HEADER_LENGTH = "Inference-Header-Content-Length"
 _WANT = (RequestedOutput("probabilities", binary=True),)
 _WORKER_TIMINGS = ("queue_ms", "compute_ms", "injected_ms")
 _UINT8 = np.dtype(np.uint8)
+_MAX_PREFIXES = 64  # image batch shapes whose call head a worker client keeps
 
 
 @dataclass(frozen=True)
@@ -65,9 +67,6 @@ def _infer_head(shape: tuple[int, ...]) -> tuple[bytes, dict[str, str]]:
     request = InferRequest(None, (InferTensor.of("image", np.zeros(shape, np.uint8)),), _WANT)
     body, headers = render_infer_request(request, binary_inputs=True)
     return body[: int(headers[HEADER_LENGTH])], headers
-
-
-_MAX_PREFIXES = 64
 
 
 class Worker(Protocol):
@@ -103,7 +102,7 @@ class WorkerClient:
         self._session = session
         self._auth = {"Authorization": f"Bearer {token}"} if token else {}
         self._http: HttpClient | None = None
-        self._prefixes: dict[tuple[int, ...], bytes] = {}  # image batch shape -> request head
+        self._prefixes: Kept[tuple[int, ...], bytes] = Kept(_MAX_PREFIXES)  # shape -> call head
         self.retarget(url)
         self.outstanding = 0
         self.up = True
@@ -154,10 +153,8 @@ class WorkerClient:
         if prefix is None:
             header, headers = _infer_head(shape)
             length = len(header) + math.prod(shape)
-            prefix = self._http.post_head(self._infer_path, {**headers, **self._auth}, length) + header
-            if len(self._prefixes) >= _MAX_PREFIXES:
-                self._prefixes.clear()
-            self._prefixes[shape] = prefix
+            head = self._http.post_head(self._infer_path, {**headers, **self._auth}, length)
+            prefix = self._prefixes.keep(shape, head + header)
         return prefix
 
     async def _result(self, pending: Awaitable[HttpReply], count: int, start: float) -> Inference:

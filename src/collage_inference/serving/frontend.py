@@ -143,7 +143,7 @@ class FrontEnd:
     # -- lifecycle --------------------------------------------------------------------------
 
     async def start(self) -> None:
-        self._running_loop = asyncio.get_running_loop()
+        self._running_loop = asyncio.get_running_loop()  # a restart may run on a new loop
         for pool in (self.scnn, *self.collage.values()):
             self._probes.append(asyncio.create_task(pool.run_probes(self.config.probe_interval)))
 

@@ -32,6 +32,7 @@ import orjson
 
 from collage_inference import __version__
 from collage_inference.errors import PayloadTooLargeError, ProtocolError
+from collage_inference.serving.kept import Kept
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 JSON_CONTENT_TYPE = "application/json"
@@ -174,9 +175,9 @@ class _RequestTemplate:
 # Clients send the same JSON header with every request of a shape (binary tensors keep the
 # pixels out of it), so the checked header is kept, keyed by its bytes: a request whose header
 # was seen skips JSON and its checks, and only its tensor bytes are read.
-_TEMPLATES: dict[bytes, _RequestTemplate] = {}
 _MAX_TEMPLATES = 256
 _MAX_TEMPLATE_BYTES = 4096
+_TEMPLATES: Kept[bytes, _RequestTemplate] = Kept(_MAX_TEMPLATES)
 
 
 def parse_infer_request(
@@ -188,9 +189,7 @@ def parse_infer_request(
     if template is None:
         template = _request_template(_decode_header(header, header_length), limits)
         if len(header) <= _MAX_TEMPLATE_BYTES and all(t.data is None for t in template.layouts):
-            if len(_TEMPLATES) >= _MAX_TEMPLATES:
-                del _TEMPLATES[next(iter(_TEMPLATES))]  # the oldest
-            _TEMPLATES[header] = template
+            _TEMPLATES.keep(header, template)
     _check_elements(template.elements, limits, "the request")
     return InferRequest(
         id=template.id,
@@ -247,7 +246,7 @@ def parse_infer_response(
 
 # A worker answers every call of a shape with the same outputs part; only the parameters (its
 # timings) change. So checked binary output layouts are kept, keyed by that part's JSON.
-_OUTPUT_LAYOUTS: dict[bytes, tuple[tuple[_Layout, ...], int]] = {}
+_OUTPUT_LAYOUTS: Kept[bytes, tuple[tuple[_Layout, ...], int]] = Kept(_MAX_TEMPLATES)
 
 
 def _output_layouts(outputs: list, limits: Limits) -> tuple[tuple[_Layout, ...], int]:
@@ -261,9 +260,7 @@ def _output_layouts(outputs: list, limits: Limits) -> tuple[tuple[_Layout, ...],
         kept = _tensor_layouts(outputs, limits, "output")
         # orjson writes infinities as null, so a key holding null may stand for two documents.
         if b"null" not in key and len(key) <= _MAX_TEMPLATE_BYTES and all(t.data is None for t in kept[0]):
-            if len(_OUTPUT_LAYOUTS) >= _MAX_TEMPLATES:
-                del _OUTPUT_LAYOUTS[next(iter(_OUTPUT_LAYOUTS))]  # the oldest
-            _OUTPUT_LAYOUTS[key] = kept
+            _OUTPUT_LAYOUTS.keep(key, kept)
     return kept
 
 

@@ -46,6 +46,7 @@ from collage_inference.errors import (
     ServingError,
 )
 from collage_inference.serving.http import check_token, error_answer
+from collage_inference.serving.kept import Kept
 from collage_inference.serving.protocol import Limits
 
 READY_PREFIX = "ready on "
@@ -85,7 +86,7 @@ class FrontDoor:
         self.closing = False
         # Clients send the same head with every request of a size (same path, same headers), so
         # a parsed head is kept, keyed by its bytes, and a repeated one is not parsed again.
-        self.heads: dict[bytes, tuple[str, Mapping[str, str], int]] = {}
+        self.heads: Kept[bytes, tuple[str, Mapping[str, str], int]] = Kept(MAX_KEPT_HEADS)
 
     def __call__(self) -> asyncio.Protocol:
         return _Connection(self)
@@ -205,9 +206,7 @@ class _Connection(asyncio.Protocol):
             if fast is None:
                 self._hand_off()
                 return None
-            if len(self.door.heads) >= MAX_KEPT_HEADS:
-                del self.door.heads[next(iter(self.door.heads))]  # the oldest
-            self.door.heads[head] = fast
+            self.door.heads.keep(head, fast)
         path, headers, length = fast
         if length > self.routes.limits.max_body_bytes:
             limit = self.routes.limits.max_body_bytes

@@ -25,6 +25,7 @@ from typing import cast
 from urllib.parse import urlsplit
 
 from collage_inference.errors import ConfigError, ProtocolError
+from collage_inference.serving.kept import Kept
 
 MAX_HEAD_BYTES = 64 * 2**10
 MAX_IDLE = 256  # idle connections kept per origin
@@ -62,7 +63,7 @@ class _Head:
 class _Connection(asyncio.Protocol):
     """One keep-alive connection; one request at a time."""
 
-    def __init__(self, heads: dict[bytes, _Head]) -> None:
+    def __init__(self, heads: Kept[bytes, _Head]) -> None:
         # Kept: on Python 3.11 every get_running_loop() is a getpid() system call.
         self.loop = asyncio.get_running_loop()
         self.heads = heads  # shared by the origin's connections
@@ -152,13 +153,7 @@ class _Connection(asyncio.Protocol):
             # A server answers calls of one kind with the same head but for a few lengths, so a
             # parsed head is kept, keyed by its bytes, and a repeated one is not parsed again.
             raw = bytes(buffer[:end])
-            head = self.heads.get(raw)
-            if head is None:
-                head = _Head.parse(raw)
-                if len(self.heads) >= MAX_KEPT_HEADS:
-                    del self.heads[next(iter(self.heads))]  # the oldest
-                self.heads[raw] = head
-            self._head = head
+            self._head = head = self.heads.get(raw) or self.heads.keep(raw, _Head.parse(raw))
             del buffer[: end + 4]
         if head.chunked:
             body = _dechunk(buffer)
@@ -219,7 +214,7 @@ class HttpClient:
         self._ssl = ssl.create_default_context() if parts.scheme == "https" else None
         self._host_header = parts.netloc
         self._idle: list[_Connection] = []
-        self._heads: dict[bytes, _Head] = {}
+        self._heads: Kept[bytes, _Head] = Kept(MAX_KEPT_HEADS)
 
     def post(
         self, path: str, body: bytes, headers: Mapping[str, str], timeout: float

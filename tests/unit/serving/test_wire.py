@@ -32,6 +32,22 @@ async def read_request(reader: asyncio.StreamReader) -> bytes:
     return head + await reader.readexactly(length)
 
 
+def answering(requests: list[bytes], answer: Callable[[int], bytes]) -> Script:
+    """A server that reads each request of a connection into ``requests`` and answers it with
+    ``answer(len(requests))``, until the client closes the connection."""
+
+    async def script(reader, writer):
+        while True:
+            try:
+                requests.append(await read_request(reader))
+            except asyncio.IncompleteReadError:
+                return
+            writer.write(answer(len(requests)))
+            await writer.drain()
+
+    return script
+
+
 def test_keep_alive_reuses_one_connection_and_sends_one_write() -> None:
     connections, requests = [], []
 
@@ -61,17 +77,11 @@ def test_keep_alive_reuses_one_connection_and_sends_one_write() -> None:
 
 
 def test_a_repeated_answer_head_is_parsed_once_per_origin() -> None:
-    requests = []
+    requests: list[bytes] = []
 
-    async def script(reader, writer):
-        while True:
-            try:
-                requests.append(await read_request(reader))
-            except asyncio.IncompleteReadError:
-                return
-            body = b"x" * (1 + len(requests) % 2)  # two lengths: two heads
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nX-A: b\r\n\r\n" % len(body) + body)
-            await writer.drain()
+    def answer(n: int) -> bytes:
+        body = b"x" * (1 + n % 2)  # two lengths: two heads
+        return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nX-A: b\r\n\r\n" % len(body) + body
 
     async def test(url):
         client = HttpClient(url)
@@ -85,7 +95,7 @@ def test_a_repeated_answer_head_is_parsed_once_per_origin() -> None:
         assert (await client.send(head + b"q", 5.0)).body == b"xx"
         client.close()
 
-    asyncio.run(with_server(script, test))
+    asyncio.run(with_server(answering(requests, answer), test))
     assert len(set(requests)) == 1  # send() with post_head() writes what post() writes
 
 
@@ -197,14 +207,7 @@ def test_against_a_real_aiohttp_server() -> None:
 
 def test_on_an_idle_connection_the_request_is_written_before_post_returns() -> None:
     requests: list[bytes] = []
-
-    async def script(reader, writer):
-        while True:
-            try:
-                requests.append(await read_request(reader))
-            except asyncio.IncompleteReadError:
-                return
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    script = answering(requests, lambda _: b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
 
     async def test(url):
         client = HttpClient(url)
