@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import struct
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -314,14 +315,21 @@ _JSON_ENCODER = json.JSONEncoder(allow_nan=False, separators=(",", ":"))
 # standard library. The rules stay the standard library's, strict as above, in both directions.
 
 
+# orjson reads an integer past 64 bits as a float, where the standard decoder keeps it exact;
+# every such integer has at least 19 digits, so a document with a run of 19 goes the slow way.
+_LONG_DIGITS = re.compile(rb"[0-9]{19}")
+
+
 def _decode_json(raw: bytes) -> Any:
-    """orjson's speed with the standard decoder's rules: what orjson refuses (NaN, integers
-    past 64 bits, lone surrogates, bad UTF-8) goes to the standard decoder, which accepts it
-    or says in its own words what is wrong."""
-    try:
-        return orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return _JSON_DECODER.decode(raw.decode())
+    """orjson's speed with the standard decoder's rules: what orjson refuses (NaN, lone
+    surrogates, bad UTF-8) or would read differently (integers past 64 bits) goes to the
+    standard decoder, which accepts it or says in its own words what is wrong."""
+    if _LONG_DIGITS.search(raw) is None:
+        try:
+            return orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            pass
+    return _JSON_DECODER.decode(raw.decode())
 
 
 def _encode_json(doc: dict[str, Any]) -> bytes:

@@ -536,6 +536,12 @@ def test_fuzz_column_response_renders_as_the_tensor_response(
     )
 
 
+@pytest.mark.parametrize("number", [2**64, -(2**63) - 1, 10**30, -(10**19)])
+def test_integers_past_64_bits_are_read_exactly(number: int) -> None:
+    doc = decode_json(b'{"n": [%d], "x": 0.5}' % number)
+    assert type(doc["n"][0]) is int and doc == {"n": [number], "x": 0.5}
+
+
 @FUZZ
 @given(doc=json_values)
 def test_fuzz_fast_json_reads_as_the_standard_library(doc: object) -> None:
