@@ -15,10 +15,11 @@ File layout (every key optional)::
 
     mode = "collage"          # none | equal | replicate | hedge | replicate-all | collage
     grid = 3                  # collage side S (k = S*S), or "auto"
-    policy = "patient"        # patient | first
+    policy = "confident"      # confident | patient | first
     group_timeout = 0.01      # seconds; omit for the adaptive group deadline
     request_timeout = 5.0
     replicate_timeout = 0.1
+    reissue_to = "idle"       # or "least-loaded": where a re-issue for lateness goes
     max_pending = 4096
     model_name = "classifier"
     host = "127.0.0.1"
@@ -64,7 +65,7 @@ from pathlib import Path
 from typing import Any
 
 from collage_inference.errors import ConfigError
-from collage_inference.serving.modes import MODES
+from collage_inference.serving.modes import MODES, REISSUE_TARGETS
 from collage_inference.serving.slowdown import KINDS, parse_slowdown
 from collage_inference.serving.types import DecoderPolicy
 
@@ -254,10 +255,11 @@ class ServeConfig:
 
     mode: str = "collage"
     grid: int | str = 3
-    policy: str = "patient"
+    policy: str = "confident"
     group_timeout: float | None = None
     request_timeout: float = 5.0
     replicate_timeout: float = 0.1
+    reissue_to: str = "idle"
     max_pending: int = 4096
     model_name: str = "classifier"
     host: str = "127.0.0.1"
@@ -291,6 +293,7 @@ class ServeConfig:
         ):
             raise _bad("grid", f"is {self.grid!r}", f'give the collage side 2..{MAX_GRID} or "auto"')
         _choice(self.policy, "policy", [p.value for p in DecoderPolicy])
+        _choice(self.reissue_to, "reissue_to", REISSUE_TARGETS)
         if self.group_timeout is not None:
             _number(self.group_timeout, "group_timeout")
         _number(self.request_timeout, "request_timeout")

@@ -126,6 +126,24 @@ def test_a_server_stall_shows_in_every_request_scheduled_during_it() -> None:
     assert sum(r.sent_s < stall for r in during) >= len(during) // 2
 
 
+def test_bursts_report_each_burst_until_its_last_answer() -> None:
+    # label 7 answers 0.2 s late: every burst of 10 holds one, so every burst takes >= 0.2 s
+    class Slow7(Script):
+        async def answer(self, truth: int) -> tuple[int, str] | None:
+            if truth == 7:
+                await asyncio.sleep(0.2)
+            return await super().answer(truth)
+
+    result = run_fake(Slow7(), arrival="burst", burst_size=10, rate=200.0, requests=60, warmup=10)
+    assert result.answered == 60 and result.burst_summary is not None
+    assert result.burst_summary.count == 6 and result.bursts_failed == 0
+    assert result.burst_summary.p50_ms >= 200 > result.summary.p50_ms
+    scheduled = [r.scheduled_s for r in result.records]
+    assert len(set(scheduled)) == 7  # seven instants, ten requests each
+    assert result.to_dict()["burst_summary"]["count"] == 6
+    assert run_fake(Script(), requests=5).burst_summary is None
+
+
 def test_a_late_sender_counts_its_own_lag_in_the_latency() -> None:
     async def body(url: str) -> LoadResult:
         asyncio.get_running_loop().call_later(0.15, time.sleep, 0.2)  # the generator itself stalls

@@ -7,7 +7,13 @@ only after the last answer, so a stalled server also stalls the client: the requ
 have arrived during the stall are never sent and never measured ("coordinated omission"). Here
 every arrival time is fixed before the run from a seed, Poisson (exponential gaps) or constant
 rate, and each request's latency is measured from its *scheduled* time, not from when it was
-actually sent. A stall therefore shows up in every request scheduled during it, and so does any
+actually sent. Three arrival patterns, each at ``rate`` requests per second on average:
+``poisson`` (exponential gaps), ``constant`` (even gaps) and ``burst``: ``burst_size`` requests at
+the same instant, the bursts a Poisson process of ``rate / burst_size`` per second (the setting of
+the published collage experiments, where a master sent k requests at once). For bursts the
+result also holds each burst's latency: from its scheduled time until its last request was
+answered, as the authors measured. A stall therefore shows up in every request scheduled during it,
+and so does any
 lag of this generator itself (reported as ``send_lag``, so an overloaded client is visible
 rather than silently flattering the server).
 
@@ -65,7 +71,7 @@ from collage_inference.serving.protocol import (
 )
 from collage_inference.serving.wire import HttpClient
 
-ARRIVALS = ("poisson", "constant")
+ARRIVALS = ("poisson", "constant", "burst")
 TARGETS = ("v2", "predict")
 UNREPORTED = "unreported"  # the server named no source (a bare worker, an external V2 server)
 _START_LEAD_S = 0.05  # the first arrival is this far after setup, so it is not late by construction
@@ -80,6 +86,7 @@ class LoadConfig:
     requests: int
     model: str = "classifier"  # the front end's default; a bare worker serves its model's own name
     arrival: str = "poisson"
+    burst_size: int = 9  # requests per burst (arrival "burst" only)
     seed: int = 0
     warmup: int = 0
     target: str = "v2"  # "v2": POST {url}/v2/models/{model}/infer; "predict": POST {url}/predict (PNG)
@@ -104,6 +111,8 @@ class LoadConfig:
             raise ConfigError(f"unknown target {self.target!r}; choose one of {', '.join(TARGETS)}")
         if not self.timeout_s > 0 or (self.overall_timeout_s is not None and not self.overall_timeout_s > 0):
             raise ConfigError("timeouts must be positive seconds")
+        if self.burst_size < 1:
+            raise ConfigError(f"--burst-size must be at least 1, got {self.burst_size}")
         if self.max_in_flight < 1:
             raise ConfigError(f"--max-in-flight must be at least 1, got {self.max_in_flight}")
         if not self.model or "/" in self.model:
@@ -115,14 +124,22 @@ class LoadConfig:
         return f"{base}/predict" if self.target == "predict" else f"{base}/v2/models/{self.model}/infer"
 
 
-def arrival_offsets(n: int, rate: float, arrival: str = "poisson", seed: int = 0) -> np.ndarray:
+def arrival_offsets(
+    n: int, rate: float, arrival: str = "poisson", seed: int = 0, burst_size: int = 9
+) -> np.ndarray:
     """Send times in seconds from the start of the run, (n,), the first at 0. The same seed gives
-    the same schedule, so two servers can be compared under the identical arrival sequence."""
+    the same schedule, so two servers can be compared under the identical arrival sequence.
+    ``burst``: groups of ``burst_size`` equal times, the bursts Poisson at ``rate / burst_size``."""
     if arrival == "constant":
         return np.arange(n, dtype=np.float64) / rate
     if arrival == "poisson":
         gaps = np.random.default_rng(seed).exponential(1.0 / rate, n)
         return np.concatenate([[0.0], np.cumsum(gaps[:-1])])[:n]
+    if arrival == "burst":
+        bursts = -(-n // burst_size)
+        gaps = np.random.default_rng(seed).exponential(burst_size / rate, bursts)
+        starts = np.concatenate([[0.0], np.cumsum(gaps[:-1])])
+        return np.repeat(starts, burst_size)[:n]
     raise ConfigError(f"unknown arrival process {arrival!r}; choose one of {', '.join(ARRIVALS)}")
 
 
@@ -165,6 +182,10 @@ class LoadResult:
     send_lag_max_ms: float
     server_timings_ms: Mapping[str, float]  # median of each numeric ``*_ms`` response parameter
     records: tuple[RequestRecord, ...]  # every scheduled request, warm-up included
+    # arrival "burst": each measured burst's latency (until its last answer); bursts with a
+    # failed request are left out and counted in ``bursts_failed``
+    burst_summary: LatencySummary | None = None
+    bursts_failed: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: the summary and counts (not the raw latencies or records)."""
@@ -186,7 +207,10 @@ class LoadResult:
             "send_lag_max_ms": _finite_or_none(self.send_lag_max_ms),
             "server_timings_ms": dict(self.server_timings_ms),
             "summary": self.summary.to_dict(),
-        }
+            **({"burst_size": self.config.burst_size} if self.config.arrival == "burst" else {}),
+            **({"burst_summary": self.burst_summary.to_dict(), "bursts_failed": self.bursts_failed}
+               if self.burst_summary else {}),
+        }  # fmt: skip
 
 
 def _finite_or_none(value: float) -> float | None:
@@ -279,7 +303,7 @@ class _Run:
         self.config = config
         self.labels = labels
         total = config.warmup + config.requests
-        self.offsets = arrival_offsets(total, config.rate, config.arrival, config.seed)
+        self.offsets = arrival_offsets(total, config.rate, config.arrival, config.seed, config.burst_size)
         self.image_of = np.arange(total) % len(images)
         # Rendered before the clock starts, once per distinct image, so the schedule never waits on it.
         auth = {"Authorization": f"Bearer {config.token}"} if config.token else {}
@@ -367,6 +391,7 @@ class _Run:
         lags = np.array([r.sent_s - r.scheduled_s for r in measured if r.sent_s is not None])
         timing_keys = sorted({k for r in ok for k in r.timings})
         sent = sum(r.sent_s is not None for r in measured)
+        bursts, bursts_failed = self._bursts(measured)
         return LoadResult(
             config=self.config,
             summary=LatencySummary.from_histogram(histogram, duration, errors),
@@ -386,7 +411,23 @@ class _Run:
                 {k: float(np.median([r.timings[k] for r in ok if k in r.timings])) for k in timing_keys}
             ),
             records=records,
+            burst_summary=LatencySummary.of(bursts, duration) if self.config.arrival == "burst" else None,
+            bursts_failed=bursts_failed,
         )
+
+    def _bursts(self, measured: list[RequestRecord]) -> tuple[list[float], int]:
+        """(latency of every measured burst whose requests were all answered, bursts that were
+        not). A burst is measured when none of its requests is a warm-up one."""
+        if self.config.arrival != "burst":
+            return [], 0
+        size = self.config.burst_size
+        members: dict[int, list[RequestRecord]] = {}
+        for r in measured:
+            members.setdefault(r.index // size, []).append(r)
+        whole = [rs for rs in members.values() if rs[0].index % size == 0 and len(rs) == size]
+        answered = [rs for rs in whole if all(r.status == "ok" for r in rs)]
+        # a burst's latency counts from its scheduled time, shared by all its requests
+        return [max(r.latency_s or 0.0 for r in rs) for rs in answered], len(whole) - len(answered)
 
 
 async def run_load(config: LoadConfig, images: np.ndarray, labels: np.ndarray) -> LoadResult:
@@ -445,7 +486,8 @@ def format_result(result: LoadResult) -> str:
     env = environment()
     rows = [
         ("target", f"{c.endpoint} ({'PNG' if c.target == 'predict' else 'binary' if c.binary else 'JSON'})"),
-        ("load", f"{c.arrival} {c.rate:g} req/s, seed {c.seed}, {c.warmup} warm-up excluded"),
+        ("load", f"{c.arrival}{f' of {c.burst_size}' if c.arrival == 'burst' else ''} {c.rate:g} req/s, "
+                 f"seed {c.seed}, {c.warmup} warm-up excluded"),
         ("requests", f"{result.requests} scheduled, {result.sent} sent, {result.answered} answered, "
                      f"{result.failed} failed, {result.overflowed} overflowed, {result.unsent} unsent"),
         ("latency ms", f"p50 {s.p50_ms:.2f}  p90 {s.p90_ms:.2f}  p99 {s.p99_ms:.2f}  p99.9 {s.p999_ms:.2f}"),
@@ -454,6 +496,9 @@ def format_result(result: LoadResult) -> str:
         ("accuracy", f"{result.accuracy:.4f}" if math.isfinite(result.accuracy) else "n/a"),
         ("sources", ", ".join(f"{k} {v:.1%}" for k, v in result.source_shares.items()) or "n/a"),
         ("errors", ", ".join(f"{k} {v}" for k, v in s.errors.items()) or "none"),
+        *([("bursts ms", f"p50 {result.burst_summary.p50_ms:.2f}  p99 {result.burst_summary.p99_ms:.2f}  "
+                         f"({result.burst_summary.count} bursts, {result.bursts_failed} with a failure)")]
+          if result.burst_summary else []),
         ("send lag ms", f"p99 {result.send_lag_p99_ms:.2f}  max {result.send_lag_max_ms:.2f}"),
         ("server ms", ", ".join(f"{k} {v:.2f}" for k, v in result.server_timings_ms.items()) or "n/a"),
         ("environment", f"python {env['python']}, {env['platform']}, {env['cpus']} cpus"),
@@ -474,6 +519,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
         "--model", default="classifier", help="model name in /v2/models/NAME/infer (default: the front end's)"
     )
     parser.add_argument("--arrival", default="poisson", choices=ARRIVALS, help="arrival process")
+    parser.add_argument(
+        "--burst-size", type=int, default=9, help="requests sent at the same instant (--arrival burst)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the arrival schedule")
     parser.add_argument("--warmup", type=int, default=20, help="requests sent first and not measured")
     parser.add_argument("--timeout", type=float, default=10.0, help="per-request timeout, seconds")
@@ -498,6 +546,7 @@ def main(argv: list[str] | None = None) -> int:
             requests=args.requests,
             model=args.model,
             arrival=args.arrival,
+            burst_size=args.burst_size,
             seed=args.seed,
             warmup=args.warmup,
             target="predict" if args.predict else "v2",

@@ -40,7 +40,7 @@ from collage_inference.errors import (
 from collage_inference.serving.dispatch import HEADER_LENGTH, WorkerClient, WorkerPool
 from collage_inference.serving.frontend import FrontEnd, FrontEndConfig
 from collage_inference.serving.http import load_token, read_body, run, server_middlewares
-from collage_inference.serving.modes import MODES, get_mode
+from collage_inference.serving.modes import MODES, REISSUE_TARGETS, get_mode
 from collage_inference.serving.protocol import (
     SERVER_METADATA,
     InferRequest,
@@ -460,6 +460,7 @@ async def serve(args: argparse.Namespace) -> None:
         request_timeout=args.request_timeout,
         replicate_timeout=args.replicate_timeout,
         max_pending=args.max_pending,
+        reissue_to=args.reissue_to,
     )
     connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, force_close=False)
     async with aiohttp.ClientSession(connector=connector) as session:
@@ -486,10 +487,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", default="collage", choices=tuple(MODES), help="redundancy strategy")
     p.add_argument("--grid", default="3", help="collage side S, or 'auto' to pick S from the arrival rate")
     p.add_argument("--group-timeout", type=float, help="group deadline in seconds (default: adaptive)")
-    p.add_argument("--policy", default="patient", choices=[d.value for d in DecoderPolicy])
+    p.add_argument("--policy", default="confident", choices=[d.value for d in DecoderPolicy])
     p.add_argument("--request-timeout", type=float, default=5.0, help="end-to-end deadline (504 past it)")
     p.add_argument("--replicate-timeout", type=float, default=0.1, help="re-issue timeout of mode replicate")
     p.add_argument("--max-pending", type=int, default=4096, help="requests in flight before 429")
+    p.add_argument(
+        "--reissue-to",
+        default="idle",
+        choices=REISSUE_TARGETS,
+        help="where a re-issue for lateness goes: an idle worker only (else skipped), or the least-loaded",
+    )
     p.add_argument("--model-name", default="classifier", help="the model name clients use in V2 URLs")
     p.add_argument(
         "--token-file", help="file holding the shared bearer token for clients and workers "

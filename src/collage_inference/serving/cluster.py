@@ -54,7 +54,7 @@ import collage_inference
 from collage_inference.config import ServeConfig, SlowdownSettings, load_config
 from collage_inference.errors import CollageError, ConfigError, UnavailableError, WorkerError
 from collage_inference.serving.http import load_token
-from collage_inference.serving.modes import MODES
+from collage_inference.serving.modes import MODES, REISSUE_TARGETS
 from collage_inference.serving.server import READY_PREFIX
 
 if TYPE_CHECKING:
@@ -332,7 +332,8 @@ class LocalCluster:
             self.scnn.append(
                 self._worker(f"scnn-{i}", scnn_model, slow if slow.slows("scnn", i) else None, i)
             )
-        for i, (grid, path) in enumerate(sorted(collage_models.items())):
+        copies = [(grid, path) for grid, path in sorted(collage_models.items())] * self.mode.collage_workers
+        for i, (grid, path) in enumerate(copies):
             slowed = slow if slow.slows("collage", i) else None
             self.collage.append(self._worker(f"collage-{i}", path, slowed, 1000 + i))
             self.collage_grids.append(grid)
@@ -376,6 +377,7 @@ class LocalCluster:
             f"{cfg.replicate_timeout:g}",
         ]
         args += ["--max-pending", str(cfg.max_pending), "--model-name", cfg.model_name]
+        args += ["--reissue-to", cfg.reissue_to]
         if cfg.group_timeout is not None:
             args += ["--group-timeout", f"{cfg.group_timeout:g}"]
         if cfg.remote:
@@ -595,10 +597,17 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--config", type=Path, help="a TOML config (examples/local.toml, examples/cluster.toml)")
     p.add_argument("--mode", choices=tuple(MODES), help="redundancy strategy (default collage)")
     p.add_argument("--grid", help="collage side S (k = S*S), or 'auto' (default 3)")
-    p.add_argument("--policy", choices=("patient", "first"), help="decoder policy (default patient)")
+    p.add_argument(
+        "--policy", choices=("confident", "patient", "first"), help="decoder policy (default confident)"
+    )
     p.add_argument("--group-timeout", type=float, help="group deadline, seconds (default adaptive)")
     p.add_argument("--request-timeout", type=float, help="end-to-end deadline, seconds (default 5)")
     p.add_argument("--replicate-timeout", type=float, help="re-issue timeout of mode replicate (0.1)")
+    p.add_argument(
+        "--reissue-to",
+        choices=REISSUE_TARGETS,
+        help="idle (default) or least-loaded: where re-issues for lateness go",
+    )
     p.add_argument("--max-pending", type=int, help="requests in flight before 429 (4096)")
     p.add_argument("--model-name", help="model name in the front end's V2 URLs (classifier)")
     p.add_argument("--host", help="front end address (127.0.0.1)")
@@ -647,9 +656,9 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, object]:
             slow_workers = [int(i) for i in args.slow_workers.split(",") if i.strip()]
         except ValueError:
             raise ConfigError(f"--slow-workers takes indexes like 0,2; got {args.slow_workers!r}") from None
-    keys = ("mode", "grid", "policy", "group_timeout", "request_timeout", "replicate_timeout", "max_pending",
-            "model_name", "host", "port", "ready_timeout", "restart", "token_file", "models_dir", "threads",
-            "scnn_workers", "scnn", "collage")  # fmt: skip
+    keys = ("mode", "grid", "policy", "group_timeout", "request_timeout", "replicate_timeout", "reissue_to",
+            "max_pending", "model_name", "host", "port", "ready_timeout", "restart", "token_file",
+            "models_dir", "threads", "scnn_workers", "scnn", "collage")  # fmt: skip
     overrides: dict[str, object] = {k: getattr(args, k) for k in keys}
     overrides.update(
         {

@@ -11,10 +11,16 @@ Rules, per request:
 * A collage cell labelled ``empty`` (or out of range) is never an answer; the cell counts as a
   lost backup.
 * Policy ``first``: a usable collage cell is answered at once.
-  Policy ``patient`` (default): a usable collage cell waits for the primary until the primary
-  is due (admission + an adaptive timeout: a high quantile of recent primary latencies,
-  bounded), then answers. Primaries that beat the timeout keep full accuracy; only
-  stragglers are answered by the less accurate collage.
+  Policy ``patient``: a usable collage cell waits for the primary until the primary is due
+  (admission + an adaptive timeout: a high quantile of recent primary latencies, bounded),
+  then answers. Primaries that beat the timeout keep full accuracy; only stragglers are
+  answered by the less accurate collage.
+  Policy ``confident`` (default): a cell whose confidence reaches ``confident_at`` answers at
+  once, the others wait as under ``patient``. The collage model is less accurate on average
+  only because of its unsure cells: on the Fashion-MNIST test set the 3x3 model's cells at
+  confidence >= 0.9 (69% of cells) are 99.3% right, against 99.35% for the s-CNN on the same
+  images (``collage eval`` prints this table for every model), so waiting for the primary buys
+  accuracy only for the unsure ones, and holding a sure cell only adds latency.
 * When the primary is late or failed and the backup is late or lost, the request is
   re-issued (at most ``max_reissues`` times) to another worker; its answer has source
   ``replica``. With nothing left to wait for and no re-issue left: 503.
@@ -57,10 +63,11 @@ class DecoderConfig:
     """class_names: the s-CNN classes; a collage label equal to ``len(class_names)`` is
     ``empty``. primary_timeout / collage_timeout: when a primary (from admission) or a collage
     (from its group closing) counts as late. max_reissues: replicas per request.
+    confident_at: the cell confidence at which policy ``confident`` answers at once.
     recent: how many finished requests to remember, to tell late replies from unknown ones."""
 
     class_names: tuple[str, ...]
-    policy: DecoderPolicy = DecoderPolicy.PATIENT
+    policy: DecoderPolicy = DecoderPolicy.CONFIDENT
     primary_timeout: AdaptiveTimeout = field(
         default_factory=lambda: AdaptiveTimeout(
             quantile=0.9, factor=1.0, floor=0.002, ceiling=1.0, initial=0.1
@@ -72,6 +79,7 @@ class DecoderConfig:
         )
     )
     max_reissues: int = 1
+    confident_at: float = 0.9
     window: int = 256
     recent: int = 4096
 
@@ -82,6 +90,8 @@ class DecoderConfig:
             raise ConfigError(f"max_reissues must be >= 0, got {self.max_reissues}")
         if self.recent < 0:
             raise ConfigError(f"recent must be >= 0, got {self.recent}")
+        if not 0 <= self.confident_at <= 1:
+            raise ConfigError(f"confident_at is a probability in [0, 1], got {self.confident_at}")
 
 
 @dataclass
@@ -236,6 +246,16 @@ class Decoder:
         st.single_outstanding = max(st.single_outstanding - 1, 0)
         return self._settle(st, now)
 
+    def reissue_skipped(self, request_id: str, now: float) -> list[Action]:
+        """An optional :class:`Reissue` was not sent (no idle worker): the request keeps waiting
+        for the call still running, and the re-issue stays used."""
+        st = self._pending.get(request_id)
+        if st is None:
+            return []
+        st.single_outstanding = max(st.single_outstanding - 1, 0)
+        self.stats.reissues -= 1
+        return self._settle(st, now)
+
     def tick(self, now: float) -> list[Action]:
         """Act on every deadline that has passed: patient holds, re-issues, 504s."""
         actions: list[Action] = []
@@ -280,7 +300,7 @@ class Decoder:
         if st.held is not None:
             prediction, reply, since = st.held
             hold_until = min(st.primary_due, deadline)
-            if self.config.policy == DecoderPolicy.FIRST or now >= hold_until or st.single_outstanding == 0:
+            if self._answers_at_once(prediction) or now >= hold_until or st.single_outstanding == 0:
                 answer = self._answer(st, prediction, reply, Source.COLLAGE, now, held=now - since)
                 return self._finish(st, answer)
         if now >= deadline:
@@ -289,11 +309,12 @@ class Decoder:
         actions: list[Action] = []
         reissue_at = self._reissue_at(st)
         while now >= reissue_at and st.reissues < self.config.max_reissues:
+            optional = st.single_outstanding > 0
             st.reissues += 1
             st.single_outstanding += 1
             st.single_sent, st.single_due = now, now + self.primary_patience()
             self.stats.reissues += 1
-            actions.append(Reissue(st.request.id, st.primary_worker, st.reissues))
+            actions.append(Reissue(st.request.id, st.primary_worker, st.reissues, optional))
             reissue_at = self._reissue_at(st)
         waiting = st.single_outstanding > 0 or st.backup in (_Backup.EXPECTED, _Backup.PENDING, _Backup.HELD)
         if not waiting:
@@ -308,6 +329,12 @@ class Decoder:
             st.wake = wake
             heapq.heappush(self._heap, (wake, next(self._seq), st.request.id))
         return actions
+
+    def _answers_at_once(self, cell: Prediction) -> bool:
+        policy = self.config.policy
+        return policy == DecoderPolicy.FIRST or (
+            policy == DecoderPolicy.CONFIDENT and cell.confidence >= self.config.confident_at
+        )
 
     def _reissue_at(self, st: _State) -> float:
         """When both the s-CNN call(s) and the backup count as late (or lost)."""

@@ -278,6 +278,17 @@ class WorkerPool:
         self.picked[worker.id] += 1
         return worker
 
+    def pick_idle(self, exclude: str | None = None) -> Worker | None:
+        """Like :meth:`pick`, among up workers with no outstanding call only; None when every
+        one is busy (nothing is counted then)."""
+        idle = [w for w in self.workers if w.up and w.outstanding == 0 and w.id != exclude]
+        if not idle:
+            return None
+        worker = min(idle, key=lambda w: w.latency)
+        worker.outstanding += 1
+        self.picked[worker.id] += 1
+        return worker
+
     async def probe(self) -> None:
         """Bring back down workers that answer their readiness check."""
         down = [w for w in self.workers if not w.up]

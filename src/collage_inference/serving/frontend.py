@@ -37,7 +37,7 @@ from collage_inference.serving.encoder import CollageEncoder
 from collage_inference.serving.grouper import Grouper, GroupingPolicy
 from collage_inference.serving.latency import LatencyWindow
 from collage_inference.serving.metrics import Metrics
-from collage_inference.serving.modes import Mode, decoder_config
+from collage_inference.serving.modes import REISSUE_TARGETS, Mode, decoder_config
 from collage_inference.serving.types import (
     Action,
     Answer,
@@ -61,12 +61,18 @@ class FrontEndConfig:
     mode: Mode
     grid: int | None = 3
     group_timeout: float | None = None
-    policy: DecoderPolicy = DecoderPolicy.PATIENT
+    policy: DecoderPolicy = DecoderPolicy.CONFIDENT
     request_timeout: float = 5.0  # end-to-end deadline; past it the client gets 504
     replicate_timeout: float = 0.1  # the fixed re-issue timeout of mode ``replicate``
     max_pending: int = 4096  # requests in flight, or s-CNN calls outstanding, before new ones get 429
     probe_interval: float = 0.5  # seconds between readiness probes of down workers
-    max_group_timeout: float = 0.05
+    reissue_to: str = "idle"  # or "least-loaded"; "idle": a re-issue for lateness skips busy workers
+
+    def __post_init__(self) -> None:
+        if self.reissue_to not in REISSUE_TARGETS:
+            raise ConfigError(
+                f"reissue_to is {self.reissue_to!r}; choose one of {', '.join(REISSUE_TARGETS)}"
+            )
 
 
 @dataclass
@@ -112,16 +118,15 @@ class FrontEnd:
         self.scnn, self.collage = scnn, collage
         self.class_names = class_names
         self.clock = MonotonicClock()
-        self.primary_latencies = LatencyWindow(256)
+        # 1024: the grouper reads a p99 from it, which 256 samples of a 2%-slow trace hold 5 of
+        self.primary_latencies = LatencyWindow(1024)
+        self.collage_service = LatencyWindow(256)  # a collage call's busy time at its worker
         grids = tuple(sorted(collage)) or (1,)
         self.grouper = Grouper(
-            GroupingPolicy(
-                grids=grids,
-                grid=config.grid,
-                timeout=config.group_timeout,
-                max_timeout=config.max_group_timeout,
-            ),
+            GroupingPolicy(grids=grids, grid=config.grid, timeout=config.group_timeout),
             self.primary_latencies,
+            self.collage_service,
+            collage_workers=max((len(pool.workers) for pool in collage.values()), default=1),
         )
         self.encoder = CollageEncoder(tiles, channels) if tiles else None
         self.decoder = Decoder(
@@ -242,11 +247,18 @@ class FrontEnd:
 
     def _close_groups(self, groups: list[Group]) -> None:
         for group in groups:
-            self.metrics.observe_group(group)
+            plan = self.grouper.last_plan
+            self.metrics.observe_group(group, plan.timeout if plan else None)
             if self.encoder is None:
                 continue
+            pool = self.collage[group.grid]
+            queued = min((w.outstanding for w in pool.workers if w.up), default=0)
+            if not self.grouper.worth_sending(queued):
+                self.metrics.collages_skipped += 1  # its requests are covered by re-issue instead
+                self._apply(self.decoder.worker_failed(group, self.clock.now()))
+                continue
             collage = self.encoder.encode(group)
-            worker = self.collage[group.grid].pick()
+            worker = pool.pick()
             self._apply(self.decoder.add_group(group, self.clock.now()))
             deadline = max(r.deadline for r in group.requests) - self.clock.now()
             call = _start(worker, collage.pixels[None], f"g{group.id}", max(deadline, 0.001))
@@ -259,8 +271,11 @@ class FrontEnd:
             self._note_failure(worker, exc)
             self._apply(self.decoder.worker_failed(group, self.clock.now()))
             return
+        timings = result.timings
+        busy = timings.get("compute", 0.0) + timings.get("injected", 0.0)
+        self.collage_service.add(busy if busy > 0 else timings.get("round_trip", 0.0))
         reply = Reply.from_probabilities(
-            Source.COLLAGE, worker.id, result.probabilities[0], group_id=group.id, timings=result.timings
+            Source.COLLAGE, worker.id, result.probabilities[0], group_id=group.id, timings=timings
         )
         self._apply(self.decoder.collage_reply(group, reply, self.clock.now()))
 
@@ -300,9 +315,22 @@ class FrontEnd:
                 self.metrics.observe_failure(action.status)
                 flight.future.set_exception(action.error())
             elif isinstance(action, Reissue):
+                worker = self._reissue_target(action)
+                if worker is None:
+                    self.metrics.reissues_skipped += 1
+                    self._apply(self.decoder.reissue_skipped(action.request_id, self.clock.now()))
+                    continue
                 self.metrics.reissues += 1
-                self._send_single(flight, self.scnn.pick(exclude=action.exclude_worker), Source.REPLICA)
+                self._send_single(flight, worker, Source.REPLICA)
         self._schedule_soon()
+
+    def _reissue_target(self, action: Reissue) -> Worker | None:
+        """The worker a re-issue goes to; None to skip it: under ``reissue_to = idle`` a re-issue
+        for lateness (the first call still runs) is sent only to a worker with nothing queued,
+        since a busy one would answer no sooner and queue the call ahead of new requests."""
+        if self.config.reissue_to == "idle" and action.optional:
+            return self.scnn.pick_idle(exclude=action.exclude_worker)
+        return self.scnn.pick(exclude=action.exclude_worker)
 
     def _schedule_soon(self) -> None:
         """Re-aim the timer once the callbacks running now are done: after the answers they

@@ -50,6 +50,14 @@ class LatencyWindow:
         rank = max(math.ceil(q * len(self._sorted)) - 1, 0)
         return self._sorted[rank]
 
+    def moments(self) -> tuple[float, float] | None:
+        """(mean, mean of squares) of the window, or None when it is empty: what a queueing
+        estimate (Pollaczek-Khinchine) needs of a service time."""
+        if not self._order:
+            return None
+        n = len(self._order)
+        return math.fsum(self._order) / n, math.fsum(x * x for x in self._order) / n
+
     def __len__(self) -> int:
         return len(self._order)
 

@@ -33,6 +33,9 @@ class Metrics:
         self.group_sizes: Counter[int] = Counter()
         self.group_reasons: Counter[str] = Counter()
         self.reissues = 0
+        self.reissues_skipped = 0  # lateness re-issues not sent: no idle worker (reissue_to idle)
+        self.group_deadline = 0.0  # the deadline the grouper gave the newest group, seconds
+        self.collages_skipped = 0  # groups whose collage could not land before their stragglers
         self.worker_errors = 0
         self.shed = 0
         self.bad_requests = 0
@@ -50,9 +53,11 @@ class Metrics:
     def observe_failure(self, status: int) -> None:
         self.failures[status] += 1
 
-    def observe_group(self, group: Group) -> None:
+    def observe_group(self, group: Group, deadline: float | None = None) -> None:
         self.group_sizes[len(group.requests)] += 1
         self.group_reasons[str(group.reason)] += 1
+        if deadline is not None:
+            self.group_deadline = deadline
 
     @property
     def stragglers(self) -> int:
@@ -126,6 +131,24 @@ class Metrics:
             "counter",
             "s-CNN calls re-issued to another worker",
             [("", self.reissues)],
+        )
+        series(
+            "collage_reissues_skipped_total",
+            "counter",
+            "Re-issues for lateness not sent because no worker was idle (reissue_to idle)",
+            [("", self.reissues_skipped)],
+        )
+        series(
+            "collage_collages_skipped_total",
+            "counter",
+            "Groups whose collage was not sent: the collage worker's backlog outlasted the straggler window",
+            [("", self.collages_skipped)],
+        )
+        series(
+            "collage_group_deadline_seconds",
+            "gauge",
+            "The group deadline the grouper chose for the newest group",
+            [("", self.group_deadline)],
         )
         series(
             "collage_group_size_total",

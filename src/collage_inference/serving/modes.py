@@ -11,6 +11,7 @@ comparison between modes measures the strategy and not different code.
 | hedge | k + 1 | second copy once a request outlives the running p95 | 1/k |
 | replicate-all | 2k | every request to two workers at once | 1 |
 | collage | k | one collage worker per k requests | 1/k |
+| collage-2 | k | two collage workers share the collages | 2/k |
 
 Extra cost counts worker processes (the resource a cloud bill counts), with the collage
 worker priced as one s-CNN worker although its model costs at most one s-CNN pass per collage.
@@ -36,15 +37,21 @@ class Mode:
     collage: bool = False
     copies: int = 1  # s-CNN calls sent at admission
     reissue: str = "never"  # never | fixed | p95
+    collage_workers: int = 1  # collage workers per grid served
 
     def scnn_workers(self, k: int) -> int:
         return k + (k if self.name == "replicate-all" else self.extra_workers)
 
-    def extra_cost(self, k: int, collage_workers: int = 1) -> float:
+    def extra_cost(self, k: int, collage_workers: int | None = None) -> float:
         """Worker processes beyond the k of ``none``, as a share of k."""
-        extra = self.scnn_workers(k) - k + (collage_workers if self.collage else 0)
+        collage = self.collage_workers if collage_workers is None else collage_workers
+        extra = self.scnn_workers(k) - k + (collage if self.collage else 0)
         return extra / k
 
+
+# Where a re-issue for lateness goes: only an idle worker (else it is skipped: a busy worker
+# would answer no sooner and queue the copy ahead of new work), or the least-loaded other one.
+REISSUE_TARGETS = ("idle", "least-loaded")
 
 MODES: dict[str, Mode] = {
     m.name: m
@@ -55,6 +62,7 @@ MODES: dict[str, Mode] = {
         Mode("hedge", 1, reissue="p95"),
         Mode("replicate-all", 0, copies=2),
         Mode("collage", 0, collage=True),
+        Mode("collage-2", 0, collage=True, collage_workers=2),
     )
 }
 
@@ -68,7 +76,7 @@ def get_mode(name: str) -> Mode:
 def decoder_config(
     mode: Mode,
     class_names: tuple[str, ...],
-    policy: DecoderPolicy = DecoderPolicy.PATIENT,
+    policy: DecoderPolicy = DecoderPolicy.CONFIDENT,
     replicate_timeout: float = 0.1,
     request_timeout: float = 5.0,
 ) -> DecoderConfig:

@@ -37,6 +37,7 @@ class DecoderPolicy(StrEnum):
 
     FIRST = "first"  # whichever usable answer arrives first wins: lowest latency
     PATIENT = "patient"  # a collage answer waits for the primary up to an adaptive deadline
+    CONFIDENT = "confident"  # a confident collage cell answers at once, the others wait as in patient
 
 
 class CloseReason(StrEnum):
@@ -190,11 +191,14 @@ class Answer:
 @dataclass(frozen=True)
 class Reissue:
     """Send the request again, as a replica, to the fastest idle worker other than
-    ``exclude_worker`` (the straggler, when known). attempt counts re-issues from 1."""
+    ``exclude_worker`` (the straggler, when known). attempt counts re-issues from 1.
+    optional: an earlier s-CNN call is still running (the re-issue is for lateness, not to
+    replace a failed call), so the IO layer may skip it and report that to the decoder."""
 
     request_id: str
     exclude_worker: str | None
     attempt: int
+    optional: bool = False
 
 
 @dataclass(frozen=True)

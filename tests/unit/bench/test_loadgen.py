@@ -33,6 +33,17 @@ def test_poisson_schedule_is_seeded_and_has_the_rate() -> None:
     assert gaps.std() == pytest.approx(1 / 500, rel=0.05)  # exponential: std equals mean
 
 
+def test_burst_schedule_sends_whole_bursts_at_once_at_the_same_mean_rate() -> None:
+    a = arrival_offsets(9 * 4000, 90.0, "burst", seed=3, burst_size=9)
+    bursts = a.reshape(-1, 9)
+    assert a[0] == 0.0 and np.all(bursts == bursts[:, :1])  # nine requests at each instant
+    gaps = np.diff(bursts[:, 0])
+    assert np.all(gaps > 0) and gaps.mean() == pytest.approx(9 / 90.0, rel=0.05)  # Poisson bursts
+    assert gaps.std() == pytest.approx(9 / 90.0, rel=0.08)
+    np.testing.assert_array_equal(a, arrival_offsets(9 * 4000, 90.0, "burst", seed=3, burst_size=9))
+    assert len(arrival_offsets(10, 5.0, "burst", burst_size=4)) == 10  # a partial last burst
+
+
 def test_constant_schedule_is_evenly_spaced() -> None:
     np.testing.assert_allclose(arrival_offsets(5, 4.0, "constant"), [0, 0.25, 0.5, 0.75, 1.0])
     with pytest.raises(ConfigError, match="arrival"):
@@ -52,6 +63,7 @@ def test_constant_schedule_is_evenly_spaced() -> None:
         ({"timeout_s": 0}, "timeouts"),
         ({"overall_timeout_s": -1.0}, "timeouts"),
         ({"max_in_flight": 0}, "--max-in-flight"),
+        ({"arrival": "burst", "burst_size": 0}, "--burst-size"),
         ({"model": "a/b"}, "--model"),
     ],
 )

@@ -96,6 +96,28 @@ def test_collage_first_under_policy_first_answers_from_the_cell(make_request):
     assert decoder.stats.late[Source.PRIMARY] == 1
 
 
+@pytest.mark.parametrize(("confidence", "at_once"), [(0.95, True), (0.6, False)])
+def test_confident_cells_answer_at_once_and_unsure_ones_wait_for_the_primary(
+    make_request, confidence, at_once
+):
+    decoder = make_decoder(DecoderPolicy.CONFIDENT)
+    request = make_request(0.0, deadline=1.0)
+    group = group_of([request])
+    decoder.admit(request, 0.0, worker_id="w1")
+    decoder.add_group(group, 0.005)
+    reply = Reply(
+        Source.COLLAGE, "c1", (Prediction(1, confidence), *[Prediction(EMPTY, 0.9)] * 3), group_id=0
+    )
+    actions = decoder.collage_reply(group, reply, 0.02)
+    if at_once:
+        [answer] = actions
+        assert answer.source == Source.COLLAGE and answer.latency == pytest.approx(0.02)
+    else:
+        assert actions == []
+        [answer] = decoder.tick(PRIMARY_DUE)  # held until the primary is due, as under patient
+        assert answer.source == Source.COLLAGE and answer.latency == pytest.approx(PRIMARY_DUE)
+
+
 def test_collage_first_under_patient_waits_for_a_timely_primary(one):
     decoder, request, group = one
     assert decoder.collage_reply(group, collage(group, [2]), 0.02) == []
@@ -133,7 +155,7 @@ def test_empty_cell_is_never_an_answer(one):
     assert decoder.collage_reply(group, collage(group, [EMPTY]), 0.02) == []
     assert decoder.stats.empty_cells == 1
     [reissue] = decoder.tick(PRIMARY_DUE)  # primary late and backup lost: re-issue
-    assert reissue == Reissue(request.id, "w1", 1)
+    assert reissue == Reissue(request.id, "w1", 1, optional=True)
     [answer] = decoder.primary_reply(request.id, single(request.id, 0, Source.REPLICA, "w2"), 0.15)
     assert (answer.source, answer.worker_id) == (Source.REPLICA, "w2")
 
@@ -148,6 +170,26 @@ def test_both_late_reissues_once_the_later_of_the_two_is_due(make_request):
     assert decoder.tick(PRIMARY_DUE) == []
     [reissue] = decoder.tick(0.13)
     assert reissue.exclude_worker == "w1" and decoder.stats.reissues == 1
+
+
+def test_a_lateness_reissue_is_optional_and_a_skipped_one_keeps_waiting_for_the_primary(make_request):
+    decoder = make_decoder()
+    request = make_request(0.0, deadline=1.0)
+    decoder.admit(request, 0.0, worker_id="w1", backup=False)
+    [reissue] = decoder.tick(PRIMARY_DUE)
+    assert reissue.optional  # the primary is still running
+    assert decoder.reissue_skipped(request.id, PRIMARY_DUE) == []
+    assert decoder.stats.reissues == 0 and decoder.pending == 1
+    [answer] = decoder.primary_reply(request.id, single(request.id, 2), 0.3)
+    assert answer.label == 2 and answer.source == Source.PRIMARY
+
+
+def test_a_reissue_replacing_a_failed_call_is_not_optional(make_request):
+    decoder = make_decoder()
+    request = make_request(0.0, deadline=1.0)
+    decoder.admit(request, 0.0, worker_id="w1", backup=False)
+    [reissue] = decoder.worker_failed(request.id, 0.01)
+    assert isinstance(reissue, Reissue) and not reissue.optional
 
 
 def test_not_yet_grouped_requests_wait_for_their_group(make_request):

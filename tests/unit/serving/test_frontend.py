@@ -130,6 +130,25 @@ def test_baseline_modes_answer_right(mode):
     assert [a.label for a in answers] == [9, 8, 7]
 
 
+@pytest.mark.parametrize(("reissue_to", "replicas"), [("idle", 0), ("least-loaded", 1)])
+def test_a_lateness_reissue_under_idle_skips_busy_workers(reissue_to, replicas):
+    # both workers busy for 0.2 s; the replicate timeout (20 ms) passes while they are
+    workers = [FakeWorker("s0", delay=0.2), FakeWorker("s1", delay=0.2)]
+    fe = frontend("replicate", workers, replicate_timeout=0.02, reissue_to=reissue_to)
+    answers = asyncio.run(classify_all(fe, [4, 5]))
+    assert [a.label for a in answers] == [4, 5]
+    assert fe.metrics.reissues == 2 * replicas and fe.metrics.reissues_skipped == 2 * (1 - replicas)
+    assert all(w.outstanding == 0 for w in workers)  # a skipped re-issue took no slot
+
+
+def test_a_lateness_reissue_under_idle_goes_to_an_idle_worker_and_counts_its_call():
+    workers = [FakeWorker("s0", delay=0.3), FakeWorker("s1", delay=0.01)]
+    fe = frontend("replicate", workers, replicate_timeout=0.05, reissue_to="idle")
+    [answer] = asyncio.run(classify_all(fe, [6]))
+    assert answer.label == 6 and answer.source == Source.REPLICA and workers[1].calls == 1
+    assert fe.metrics.reissues == 1 and all(w.outstanding == 0 for w in workers)
+
+
 def test_a_burst_is_spread_over_the_least_loaded_workers():
     workers = [FakeWorker(f"s{i}", delay=0.02) for i in range(4)]
     fe = frontend("none", workers)

@@ -1,7 +1,7 @@
 import pytest
 
 from collage_inference.errors import ConfigError
-from collage_inference.serving.grouper import Grouper, GroupingPolicy
+from collage_inference.serving.grouper import Grouper, GroupingPolicy, Plan
 from collage_inference.serving.latency import LatencyWindow
 from collage_inference.serving.types import CloseReason
 
@@ -66,85 +66,148 @@ def test_group_ids_increase_and_cells_follow_arrival_order(make_request):
 
 
 def feed(grouper: Grouper, make_request, gap: float, n: int, start: float = 0.0) -> float:
-    """Feed n requests at a steady gap; returns the time of the last one."""
+    """Feed n requests at a steady gap (polling deadlines between them); the last one's time."""
     now = start
     for i in range(n):
         now = start + i * gap
+        grouper.poll(now)
         grouper.add(make_request(now), now)
     return now
 
 
-def test_adaptive_grid_starts_with_the_smallest_grid(make_request):
-    grouper = Grouper(GroupingPolicy(grids=(4, 2, 3), timeout=0.02))
-    assert grouper.plan()[0] == 2  # no rate estimate yet
-    grouper.add(make_request(0.0), 0.0)
-    [group] = grouper.flush(0.0)
-    assert group.grid == 2
+def window(values: list[float]) -> LatencyWindow:
+    w = LatencyWindow(len(values))
+    for v in values:
+        w.add(v)
+    return w
 
 
-def test_adaptive_grid_picks_the_largest_grid_that_fills_in_time_at_high_rate(make_request):
-    grouper = Grouper(GroupingPolicy(grids=(2, 3, 4), timeout=0.02, fill_margin=0.8))
-    feed(grouper, make_request, 0.0005, 40)  # 2000 req/s: 15 gaps = 7.5 ms <= 16 ms
-    assert grouper.arrival_rate == pytest.approx(2000)
-    assert grouper.plan() == (4, 0.02)
+def stragglers(n: int = 200, fast: float = 0.14, slow: float = 0.70, every: int = 50) -> LatencyWindow:
+    """Primary latencies like the cloud trace: mostly ``fast``, one in ``every`` at ``slow``."""
+    return window([slow if i % every == 0 else fast for i in range(n)])
 
 
-def test_adaptive_grid_falls_back_to_the_smallest_grid_at_low_rate(make_request):
-    grouper = Grouper(GroupingPolicy(grids=(2, 3, 4), timeout=0.02, fill_margin=0.8))
-    feed(grouper, make_request, 0.1, 20)  # 10 req/s: even 3 gaps = 300 ms
-    assert grouper.plan()[0] == 2
+def adaptive(grids=(3,), grid=3, primaries=None, service=None, workers=1, **kwargs) -> Grouper:
+    return Grouper(GroupingPolicy(grids=grids, grid=grid, **kwargs), primaries, service, workers)
 
 
-def test_adaptive_grid_picks_a_middle_grid_at_a_middle_rate(make_request):
-    grouper = Grouper(GroupingPolicy(grids=(2, 3, 4), timeout=0.02, fill_margin=0.8))
-    feed(grouper, make_request, 0.0015, 40)  # 8 gaps = 12 ms fits 16 ms; 15 gaps = 22.5 ms does not
-    assert grouper.plan()[0] == 3
+def test_the_straggler_window_is_the_straggler_quantile_minus_one_collage_pass():
+    grouper = adaptive(primaries=stragglers(), service=window([0.15] * 50))
+    assert grouper.straggler_window() == pytest.approx(0.70 - 0.15)
+    assert adaptive().straggler_window() is None  # no primaries measured yet
 
 
-def test_adaptive_grid_follows_a_rate_change(make_request):
-    grouper = Grouper(GroupingPolicy(grids=(2, 4), timeout=0.02))
-    end = feed(grouper, make_request, 0.0005, 40)
-    assert grouper.plan()[0] == 4
-    feed(grouper, make_request, 0.05, 30, start=end + 0.05)
-    assert grouper.plan()[0] == 2
+def test_before_enough_samples_the_slowest_call_stands_in_for_the_quantile():
+    few = window([0.1] * 30 + [0.5])  # 31 samples: a p99 of 31 samples would be the max anyway
+    grouper = adaptive(primaries=few, service=window([0.1] * 30))
+    assert grouper.straggler_window() == pytest.approx(0.5 - 0.1)
 
 
-def test_adaptive_deadline_is_just_the_fill_time_at_high_rate(make_request):
-    policy = GroupingPolicy(grids=(2,), grid=2, min_timeout=0.001, max_timeout=0.05, fill_margin=0.5)
-    grouper = Grouper(policy)
-    feed(grouper, make_request, 0.002, 20)
-    grid, timeout = grouper.plan()
-    assert grid == 2 and timeout == pytest.approx(3 * 0.002 / 0.5)
+def test_a_window_too_short_to_fill_closes_the_group_early(make_request):
+    # stragglers only 60 ms slower than a 20 ms collage pass; 10 req/s would need 0.8 s to fill
+    grouper = adaptive(primaries=window([0.02] * 150 + [0.06] * 10), service=window([0.02] * 50))
+    feed(grouper, make_request, 0.1, 20)
+    plan = grouper.plan()
+    assert plan.window == pytest.approx(0.04)
+    assert plan.timeout <= 0.04  # the backup must land before the straggler would
+    grouper.add(make_request(5.0), 5.0)
+    [group] = grouper.poll(5.0 + plan.timeout)
+    assert group.reason == CloseReason.DEADLINE and len(group.requests) == 1
 
 
-def test_adaptive_deadline_is_capped_by_a_fraction_of_primary_latency(make_request):
-    latencies = LatencyWindow(16)
-    for _ in range(16):
-        latencies.add(0.020)
-    policy = GroupingPolicy(grids=(2,), grid=2, max_timeout=0.05, latency_fraction=0.5)
-    grouper = Grouper(policy, primary_latencies=latencies)
-    feed(grouper, make_request, 0.1, 10)  # slow arrivals: would want 375 ms to fill
-    assert grouper.plan()[1] == pytest.approx(0.010)
-    assert grouper.ceiling() == pytest.approx(0.010)
+def test_a_long_window_fills_the_group(make_request):
+    # the cloud trace's shape: W ~ 0.55 s; 40 req/s fills 9 cells in 0.2 s, well inside it
+    grouper = adaptive(primaries=stragglers(), service=window([0.15] * 50))
+    end = feed(grouper, make_request, 1 / 40, 90)
+    plan = grouper.plan()
+    fill = 8 / 40
+    assert fill < plan.timeout <= plan.window
+    assert plan.timeout == pytest.approx(fill / 0.8, rel=0.05)  # stretched against Poisson jitter
+    groups = []
+    for i in range(1, 46):
+        now = end + i / 40
+        groups += grouper.poll(now) + grouper.add(make_request(now), now)
+    assert groups and all(g.reason == CloseReason.FULL for g in groups)
 
 
-def test_adaptive_deadline_without_latencies_uses_max_timeout(make_request):
-    grouper = Grouper(GroupingPolicy(grids=(3,), grid=3, max_timeout=0.03))
-    assert grouper.plan() == (3, 0.03)
+def test_a_light_collage_worker_sends_partial_groups_early_and_a_busy_one_waits_to_fill(make_request):
+    quick = adaptive(primaries=stragglers(), service=window([0.005] * 50))  # 5 ms collage passes
+    feed(quick, make_request, 0.1, 70)  # 10 req/s: 0.8 s to fill, far past W
+    light = quick.plan()
+    assert light.timeout < 0.2 and light.utilisation < 0.7
+
+    slow = adaptive(primaries=stragglers(), service=window([0.15] * 50))  # passes as slow as an s-CNN's
+    feed(slow, make_request, 0.1, 70)
+    busy = slow.plan()
+    assert busy.timeout > light.timeout  # near-empty collages would flood the collage worker
+    assert busy.utilisation is not None and busy.utilisation < 0.7
+
+
+def test_a_second_collage_worker_allows_an_earlier_deadline(make_request):
+    plans = []
+    for workers in (1, 2):
+        grouper = adaptive(primaries=stragglers(), service=window([0.15] * 50), workers=workers)
+        feed(grouper, make_request, 0.1, 70)
+        plans.append(grouper.plan())
+    assert plans[1].timeout < plans[0].timeout
+
+
+def test_when_even_full_groups_overload_the_collage_worker_the_deadline_is_the_window(make_request):
+    grouper = adaptive(primaries=stragglers(), service=window([0.15] * 50))
+    feed(grouper, make_request, 1 / 60, 100)  # 60 req/s / 9 per collage * 0.15 s = 1.0 busy
+    plan = grouper.plan()
+    assert plan.timeout == pytest.approx(plan.window) and plan.rescue is None
+
+
+def test_simultaneous_arrivals_fill_at_once(make_request):
+    grouper = adaptive(primaries=stragglers(), service=window([0.15] * 50))
+    for _ in range(3):
+        groups = []
+        for _ in range(9):
+            groups += grouper.add(make_request(1.0), 1.0)
+        assert [g.reason for g in groups] == [CloseReason.FULL]
+    assert grouper.arrival_rate == float("inf")
+
+
+def test_without_measurements_the_initial_deadline_and_smallest_grid_apply(make_request):
+    grouper = Grouper(GroupingPolicy(grids=(4, 2, 3), initial_timeout=0.03))
+    assert grouper.plan() == Plan(2, 0.03)
     grouper.add(make_request(0.0), 0.0)
     assert grouper.next_deadline() == pytest.approx(0.03)
 
 
-def test_adaptive_grid_and_deadline_together_close_full_groups_at_high_rate(make_request):
-    grouper = Grouper(GroupingPolicy(grids=(2, 3), max_timeout=0.05))
-    groups = []
-    for i in range(200):
-        now = i * 0.001
-        groups += grouper.poll(now)
-        groups += grouper.add(make_request(now), now)
-    later = [g for g in groups if g.id >= 5]
-    assert later and all(g.grid == 3 for g in later)
-    assert all(g.reason == CloseReason.FULL for g in later)
+def test_before_latencies_are_measured_groups_fill_at_the_measured_rate(make_request):
+    grouper = adaptive(initial_timeout=0.5)
+    feed(grouper, make_request, 0.01, 5)  # 100 req/s: 8 more requests take 80 ms
+    assert grouper.plan().timeout == pytest.approx(0.08 / 0.8)
+    slow = adaptive(initial_timeout=0.5)
+    feed(slow, make_request, 1.0, 3)  # 1 req/s: filling would take 8 s
+    assert slow.plan().timeout == pytest.approx(0.5)
+
+
+def test_a_collage_behind_more_than_the_window_of_work_is_not_worth_sending():
+    grouper = adaptive(primaries=stragglers(), service=window([0.15] * 50))  # W = 0.55 s
+    assert grouper.worth_sending(0) and grouper.worth_sending(3)  # 0.45 s of work ahead
+    assert not grouper.worth_sending(4)  # 0.60 s: it would land after the stragglers
+    two = adaptive(primaries=stragglers(), service=window([0.15] * 50), workers=2)
+    assert two.worth_sending(4)
+    assert adaptive().worth_sending(100)  # nothing measured: no grounds to skip
+
+
+def test_adaptive_grid_prefers_a_bigger_grid_when_the_collage_worker_is_busy(make_request):
+    grouper = adaptive(grids=(2, 3, 4), grid=None, primaries=stragglers(), service=window([0.15] * 50))
+    feed(grouper, make_request, 1 / 40, 100)  # S=2 would need 10 collages/s (1.5 busy)
+    assert grouper.plan().grid == 4
+    light = adaptive(grids=(2, 3, 4), grid=None, primaries=stragglers(), service=window([0.005] * 50))
+    feed(light, make_request, 1 / 40, 100)
+    assert light.plan().grid == 2  # cheap collages: the smallest, most accurate grid
+
+
+def test_a_fixed_deadline_picks_the_largest_grid_that_fills_within_it(make_request):
+    grouper = Grouper(GroupingPolicy(grids=(2, 3, 4), timeout=0.02, fill_margin=0.8))
+    feed(grouper, make_request, 0.0015, 40)  # 8 gaps = 12 ms fits 16 ms; 15 gaps = 22.5 ms does not
+    assert grouper.plan() == Plan(3, 0.02)
+    assert grouper.arrival_rate == pytest.approx(1 / 0.0015)
 
 
 @pytest.mark.parametrize(
@@ -154,12 +217,19 @@ def test_adaptive_grid_and_deadline_together_close_full_groups_at_high_rate(make
         {"grids": (0, 2)},
         {"grid": 0},
         {"timeout": 0.0},
-        {"min_timeout": 0.1, "max_timeout": 0.01},
+        {"min_timeout": 0.1, "initial_timeout": 0.01},
         {"fill_margin": 1.5},
-        {"rate_alpha": 0.0},
-        {"latency_quantile": 2.0},
+        {"max_utilisation": 0.0},
+        {"straggler_quantile": 2.0},
+        {"rate_window": 1},
+        {"grid_tolerance": -1.0},
     ],
 )
 def test_bad_policies_are_config_errors(kwargs):
     with pytest.raises(ConfigError):
         GroupingPolicy(**kwargs)
+
+
+def test_a_grouper_needs_a_collage_worker():
+    with pytest.raises(ConfigError):
+        Grouper(collage_workers=0)

@@ -15,8 +15,12 @@ def test_worker_counts_and_costs():
     k = 9
     assert {n: m.scnn_workers(k) for n, m in MODES.items()} == {
         "none": 9, "equal": 10, "replicate": 10, "hedge": 10, "replicate-all": 18, "collage": 9,
+        "collage-2": 9,
     }  # fmt: skip
     assert MODES["collage"].extra_cost(k) == pytest.approx(1 / 9)
+    assert (
+        MODES["collage-2"].extra_cost(k) == pytest.approx(2 / 9) and MODES["collage-2"].collage_workers == 2
+    )
     assert MODES["replicate-all"].extra_cost(k) == 1.0
     assert MODES["none"].extra_cost(k) == 0.0
     with pytest.raises(ConfigError, match="unknown mode"):

@@ -1,0 +1,213 @@
+"""The claims `collage bench` checks, as data, and the figures that explain a miss.
+
+Every target is a pure function of the ``results`` dict (``results.json``), so a stored run is
+judged exactly as a fresh one. "Collage" is the paper's technique at 1/k extra cost (one
+collage worker per k s-CNN workers); rows that cost more (``collage-2``) are reported beside
+it and never count for it. The equal-cost baselines are ``equal``, ``replicate`` (its best
+timeout and re-issue target at that load) and ``hedge`` (its best re-issue target): the best
+of them at each load point is the one collage is compared with.
+
+| target | goal |
+| --- | --- |
+| best equal-cost baseline / collage, p99, bursts of k, at the best load of the sweep | >= 1.5x |
+| the same, Poisson arrivals | >= 1.5x |
+| none / collage, p99, at every load of 0.5 or more, both patterns | >= 2x |
+| none / collage, std, at every load of 0.5 or more, both patterns | >= 2x |
+| collage p99 / replicate-all p99 (twice the workers), at every load point | <= 1.3x |
+| accuracy of collage mode vs the s-CNN alone, at every load point | at most 0.3 points lower |
+| extra cost of collage | 1/k |
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from collage_inference.bench.harness import BASELINES
+
+COST_TOLERANCE = 0.1  # "about 1/k": within 10% of 1/k
+HIGH_LOAD = 0.5  # "every load of 0.5 or more"
+
+Point = Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class Target:
+    """One claim: ``value op goal`` measured at ``where``. ``value`` None: not measured."""
+
+    name: str
+    value: float | None
+    goal: float
+    op: str  # ">=", "<=" or "~" (within COST_TOLERANCE of goal)
+    unit: str = "x"
+    where: str = ""
+
+    @property
+    def met(self) -> bool | None:
+        if self.value is None or not math.isfinite(self.value):
+            return None
+        if self.op == ">=":
+            return self.value >= self.goal
+        if self.op == "<=":
+            return self.value <= self.goal
+        return abs(self.value - self.goal) <= COST_TOLERANCE * self.goal
+
+    @property
+    def gap(self) -> str:
+        """How far a missed target is from its goal, in words; empty when met or not measured."""
+        if self.met is not False:
+            return ""
+        assert self.value is not None
+        if self.op == ">=":
+            short = self.goal - self.value
+            return f"short by {short:.2f}{self.unit} ({short / self.goal:.0%} below the goal)"
+        if self.op == "<=":
+            over = self.value - self.goal
+            return f"over by {over:.2f}{self.unit} ({over / self.goal:.0%} above the goal)"
+        return f"off by {abs(self.value - self.goal):.3f} ({abs(self.value / self.goal - 1):.0%})"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "met": self.met, "gap": self.gap}
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or not (math.isfinite(a) and math.isfinite(b)) or b <= 0:
+        return None
+    return a / b
+
+
+def _get(point: Point, mode: str, key: str) -> float | None:
+    value = point["modes"].get(mode, {}).get(key)
+    return None if value is None else float(value)
+
+
+def best_baseline(point: Point) -> dict[str, Any] | None:
+    """The equal-cost baseline with the lowest p99 at this point, with its setting."""
+    found = [(m, point["modes"][m]) for m in BASELINES if m in point["modes"]]
+    if not found:
+        return None
+    name, run = min(found, key=lambda f: f[1]["p99_ms"])
+    setting = ""
+    if name == "replicate":
+        setting = f"timeout {run['replicate_timeout_ms']:.0f} ms, re-issue to {run['reissue_to']}"
+    elif name == "hedge":
+        setting = f"re-issue to {run['reissue_to']}"
+    return {"name": name, "setting": setting, "p99_ms": run["p99_ms"], "std_ms": run["std_ms"],
+            "reissued_per_request": run.get("reissued_per_request")}  # fmt: skip
+
+
+def point_ratios(point: Point, collage: str = "collage") -> dict[str, float | None]:
+    """The ratios of one load point for one collage row."""
+    base = best_baseline(point)
+    p99, std = _get(point, collage, "p99_ms"), _get(point, collage, "std_ms")
+    return {
+        "baseline_over_collage_p99": ratio(base["p99_ms"] if base else None, p99),
+        "none_over_collage_p99": ratio(_get(point, "none", "p99_ms"), p99),
+        "none_over_collage_std": ratio(_get(point, "none", "std_ms"), std),
+        "collage_over_replicate_all_p99": ratio(p99, _get(point, "replicate-all", "p99_ms")),
+        "baseline_over_replicate_all_p99": ratio(
+            base["p99_ms"] if base else None, _get(point, "replicate-all", "p99_ms")
+        ),
+    }
+
+
+def with_ratios(point: Point) -> dict[str, Any]:
+    """A load point with its best baseline and the ratios of every collage row."""
+    rows = [m for m in point["modes"] if m.startswith("collage")]
+    return {
+        **point,
+        "best_baseline": best_baseline(point),
+        "ratios": {m: point_ratios(point, m) for m in rows},
+    }
+
+
+def _extreme(
+    points: Sequence[Point], key: str, pick: Callable[..., Any], keep: Callable[[Point], bool]
+) -> tuple[float | None, str]:
+    found = [(p["ratios"].get("collage", {}).get(key), p) for p in points if keep(p)]
+    found = [(v, p) for v, p in found if v is not None]
+    if not found:
+        return None, ""
+    value, point = pick(found, key=lambda f: f[0])
+    return value, f"{point['pattern']} at load {point['load']:g}"
+
+
+def compute_targets(results: Mapping[str, Any]) -> list[Target]:
+    """The targets of a whole run (see the module docstring)."""
+    points, k = results["points"], int(results["grid"]) ** 2
+
+    def pattern(name: str) -> Callable[[Point], bool]:
+        return lambda p: p["pattern"] == name
+
+    def high(p: Point) -> bool:
+        return p["load"] >= HIGH_LOAD
+
+    burst = _extreme(points, "baseline_over_collage_p99", max, pattern("burst"))
+    poisson = _extreme(points, "baseline_over_collage_p99", max, pattern("poisson"))
+    none_p99 = _extreme(points, "none_over_collage_p99", min, high)
+    none_std = _extreme(points, "none_over_collage_std", min, high)
+    versus_all = _extreme(points, "collage_over_replicate_all_p99", max, lambda p: True)
+    ref = (results.get("reference") or {}).get("accuracy")
+    drops = [
+        ((ref - a) * 100, p) for p in points if ref is not None and (a := _get(p, "collage", "accuracy"))
+    ]
+    drop, drop_at = max(drops, key=lambda d: d[0]) if drops else (None, None)
+    costs = [c for p in points if (c := _get(p, "collage", "extra_cost")) is not None]
+    baseline = "best equal-cost baseline / collage, p99"
+    return [
+        Target(f"{baseline}, bursts, best load", burst[0], 1.5, ">=", where=burst[1]),
+        Target(f"{baseline}, Poisson, best load", poisson[0], 1.5, ">=", where=poisson[1]),
+        Target("none / collage, p99, every load >= 0.5 (worst)", none_p99[0], 2.0, ">=", where=none_p99[1]),
+        Target("none / collage, std, every load >= 0.5 (worst)", none_std[0], 2.0, ">=", where=none_std[1]),
+        Target("collage / replicate-all, p99, every load (worst)", versus_all[0], 1.3, "<=",
+               where=versus_all[1]),
+        Target("accuracy drop of collage vs s-CNN alone (worst)", drop, 0.3, "<=", " points",
+               _where(drop_at)),
+        Target("extra cost of collage", max(costs) if costs else None, 1.0 / k, "~", "", "every load"),
+    ]  # fmt: skip
+
+
+def _where(point: Point | None) -> str:
+    return f"{point['pattern']} at load {point['load']:g}" if point else ""
+
+
+def explain(results: Mapping[str, Any], target: Target) -> str:
+    """For a missed target, the figures of the same run that bound it (one sentence)."""
+    point = next((p for p in results["points"] if _where(p) == target.where), None)
+    if target.met is not False or point is None:
+        return ""
+    modes, r = point["modes"], point["ratios"].get("collage", {})
+    collage = modes.get("collage", {})
+    base = point.get("best_baseline") or {}
+    bits = []
+    if r.get("baseline_over_replicate_all_p99") is not None:
+        bits.append(
+            f"replicate-all (a second copy of every request on k more workers, 2x the cost) is "
+            f"{r['baseline_over_replicate_all_p99']:.2f}x below the best baseline ({base.get('name')}) here"
+        )
+    if collage.get("mean_group_size") is not None:
+        bits.append(
+            f"collages held {collage['mean_group_size']:.1f} of k = {int(results['grid']) ** 2} requests"
+        )
+    share = (collage.get("sources") or {}).get("collage")
+    if share is not None:
+        bits.append(f"{share:.1%} of requests were answered by their collage cell")
+    for name in ("collage-2",):
+        if name in point["ratios"]:
+            value = point["ratios"][name].get(target_key(target))
+            if value is not None:
+                bits.append(f"{name} (2/k cost) reaches {value:.2f}x")
+    return "; ".join(bits)
+
+
+def target_key(target: Target) -> str:
+    """The per-point ratio a target is built from."""
+    if target.name.startswith("best equal-cost"):
+        return "baseline_over_collage_p99"
+    if target.name.startswith("none / collage, p99"):
+        return "none_over_collage_p99"
+    if target.name.startswith("none / collage, std"):
+        return "none_over_collage_std"
+    return "collage_over_replicate_all_p99"
