@@ -159,19 +159,27 @@ def _model_config_from_args(args: argparse.Namespace):
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from collage_inference.data import load_dataset
+    from collage_inference.training.checkpoint import load_checkpoint
     from collage_inference.training.evaluate import (
         evaluate_model,
         machine_summary,
         render_table,
+        scnn_predictions,
         write_model_card,
     )
 
-    paths = args.models or shipped_checkpoints(args.models_dir)
+    paths = [Path(p) for p in (args.models or shipped_checkpoints(args.models_dir))]
     test = load_dataset(args.dataset, "test", args.data_dir)
+    # the s-CNN among the models (or the shipped one) labels every image once, so that each collage
+    # model's sure cells can be compared with it on the same images
+    scnn = next((p for p in paths if load_checkpoint(p)[1].kind == "scnn"), None)
+    shipped = args.models_dir / "scnn.pt"
+    scnn = scnn or (shipped if shipped.is_file() else None)
+    scnn_labels = scnn_predictions(scnn, test) if scnn is not None else None
     reports = []
     for path in paths:
         print(f"evaluating {path.name} ...", file=sys.stderr, flush=True)
-        reports.append(evaluate_model(Path(path), test, args.threads, args.latency_runs))
+        reports.append(evaluate_model(path, test, args.threads, args.latency_runs, scnn_labels))
     result = {
         "dataset": test.name,
         "split": "test",

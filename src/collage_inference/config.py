@@ -16,6 +16,7 @@ File layout (every key optional)::
     mode = "collage"          # none | equal | replicate | hedge | replicate-all | collage
     grid = 3                  # collage side S (k = S*S), or "auto"
     policy = "confident"      # confident | patient | first
+    confident_at = 0.9        # policy confident: a collage cell this sure answers at once
     group_timeout = 0.01      # seconds; omit for the adaptive group deadline
     request_timeout = 5.0
     replicate_timeout = 0.1
@@ -256,6 +257,7 @@ class ServeConfig:
     mode: str = "collage"
     grid: int | str = 3
     policy: str = "confident"
+    confident_at: float = 0.9
     group_timeout: float | None = None
     request_timeout: float = 5.0
     replicate_timeout: float = 0.1
@@ -294,6 +296,14 @@ class ServeConfig:
             raise _bad("grid", f"is {self.grid!r}", f'give the collage side 2..{MAX_GRID} or "auto"')
         _choice(self.policy, "policy", [p.value for p in DecoderPolicy])
         _choice(self.reissue_to, "reissue_to", REISSUE_TARGETS)
+        if (
+            isinstance(self.confident_at, bool)
+            or not isinstance(self.confident_at, int | float)
+            or not (0 <= self.confident_at <= 1)
+        ):
+            raise _bad(
+                "confident_at", f"is {self.confident_at!r}", "give a probability in [0, 1], such as 0.9"
+            )
         if self.group_timeout is not None:
             _number(self.group_timeout, "group_timeout")
         _number(self.request_timeout, "request_timeout")

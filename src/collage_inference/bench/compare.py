@@ -28,11 +28,12 @@ from collage_inference.bench.harness import Harness, Images, RunSpec, load_image
 from collage_inference.bench.machine import BUSY_SHARE, code_version, cpu_busy, load_average, machine
 from collage_inference.bench.report import console_summary, with_targets, write_report
 from collage_inference.bench.scenarios import (
+    DEFAULT_PATTERNS,
     OVERHEAD_SHARE_LIMIT,
-    PATTERNS,
     TRACE_PATH,
     LoadPoint,
     Scenario,
+    at_scale,
     builtin_scenarios,
     load_points,
 )
@@ -53,7 +54,8 @@ class BenchConfig:
     grid: int = 3
     grids: tuple[int, ...] = ()  # extra collage rows at other S
     collage_policies: tuple[str, ...] = ("patient",)  # extra collage rows with these decoder policies
-    patterns: tuple[str, ...] = PATTERNS
+    patterns: tuple[str, ...] = DEFAULT_PATTERNS
+    burst_size: int | None = None  # requests per burst; None: k, as in the published experiments
     loads: tuple[float, ...] = (0.25, 0.5, 0.75)
     pairs: tuple[tuple[str, float], ...] = ()  # (pattern, load) points instead of every combination
     requests: int = 630
@@ -71,6 +73,7 @@ class BenchConfig:
     quick: bool = False
     command: str = "collage bench"
     backend: str = "local"  # local processes, or Ray Serve deployments (a private local Ray)
+    trace: Path = TRACE_PATH  # where the trace scenario reads from (for the scale check)
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.modes if m not in MODES]
@@ -89,12 +92,18 @@ class BenchConfig:
         bad = [t for t in self.reissue_targets if t not in REISSUE_TARGETS]
         if bad or not self.reissue_targets:
             raise ConfigError(f"re-issue targets must be among {REISSUE_TARGETS}, got {self.reissue_targets}")
+        if self.burst_size is not None and self.burst_size < 1:
+            raise ConfigError(f"--burst-size must be at least 1, got {self.burst_size}")
         if self.bracket < 0 or self.retry_busy < 0 or self.quiet_wait < 0:
             raise ConfigError("bracket, --retry-busy and --quiet-wait must not be negative")
 
     @property
     def k(self) -> int:
         return self.grid * self.grid
+
+    @property
+    def burst(self) -> int:
+        return self.burst_size or self.k
 
     def points(self) -> list[LoadPoint]:
         service = self.scenario.service_s(self.seed)
@@ -153,7 +162,27 @@ def run_bench(
         measured.append(harness.point(point))
         if progress is not None and index < len(points) - 1:
             progress(assemble(config, images, reference, measured, t0, before, busy_before, done=False))
-    return assemble(config, images, reference, measured, t0, before, busy_before, done=True)
+    results = assemble(config, images, reference, measured, t0, before, busy_before, done=True)
+    if config.scenario.scale != 1.0:
+        results["scale_check"] = scale_check(config, harness, results)
+    return results
+
+
+def scale_check(config: BenchConfig, harness: Harness, results: dict[str, Any]) -> dict[str, Any]:
+    """At a time scale other than 1x, one load point again at 1x: the ratios must match within
+    10%, or the shorter scale changed the regime (its fixed costs no longer small)."""
+    scaled = with_targets({**results, "points": [results["points"][0]]})["points"][0]
+    real = at_scale(config.scenario, config.trace, 1.0)
+    point = load_points((scaled["pattern"],), (scaled["load"],), config.k, real.service_s(config.seed))[0]
+    at_one = with_targets(
+        {**results, "points": [Harness(config, real, harness.images, harness.log).point(point)]}
+    )
+    keys = ("baseline_over_collage_p99", "none_over_collage_p99")
+    ours, theirs = scaled["ratios"]["collage"], at_one["points"][0]["ratios"]["collage"]
+    gaps = {k: abs(ours[k] / theirs[k] - 1) for k in keys if ours.get(k) and theirs.get(k)}
+    return {"pattern": point.pattern, "load": point.load, "scale": config.scenario.scale,
+            "ratios": {k: [ours.get(k), theirs.get(k)] for k in keys},
+            "within_10_percent": bool(gaps) and max(gaps.values()) <= 0.10}  # fmt: skip
 
 
 def assemble(
@@ -188,6 +217,7 @@ def assemble(
         "grid": config.grid,
         "k": config.k,
         "patterns": list(config.patterns),
+        "burst_size": config.burst,
         "loads": list(config.loads),
         "requests": config.requests,
         "warmup": config.warmup,
@@ -235,7 +265,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modes", help=f"comma list (default: {', '.join(DEFAULT_MODES)})")
     p.add_argument("--grid", type=int, default=3, help="collage side S of the comparison")
     p.add_argument("--grids", help="extra collage rows at these S (e.g. 2,4), each its own row")
-    p.add_argument("--patterns", help="comma list of burst, poisson (default: both)")
+    p.add_argument(
+        "--arrival",
+        "--patterns",
+        dest="patterns",
+        help="arrival patterns, a comma list of burst, poisson, constant (default: burst,poisson)",
+    )
+    p.add_argument("--burst-size", type=int, help="requests sent at once in a burst (default: k = S*S)")
     p.add_argument("--loads", help="utilisations of the k s-CNN workers (default 0.25,0.5,0.75)")
     p.add_argument("--requests", type=int, help="measured requests per run (default 630; --quick: 297)")
     p.add_argument("--warmup", type=int, help="unmeasured requests first (default 126; --quick: 81)")
@@ -287,7 +323,8 @@ def config_from_args(args: argparse.Namespace, argv: Sequence[str]) -> BenchConf
         modes=_names(args.modes) if args.modes else quick.get("modes", DEFAULT_MODES),
         grid=args.grid,
         grids=tuple(int(g) for g in _floats(args.grids)) if args.grids else (),
-        patterns=_names(args.patterns) if args.patterns else PATTERNS,
+        patterns=_names(args.patterns) if args.patterns else DEFAULT_PATTERNS,
+        burst_size=args.burst_size,
         loads=_floats(args.loads) if args.loads else (0.25, 0.5, 0.75),
         pairs=QUICK_POINTS if args.quick and not (args.patterns or args.loads) else (),
         requests=args.requests or quick.get("requests", 630),
@@ -305,6 +342,7 @@ def config_from_args(args: argparse.Namespace, argv: Sequence[str]) -> BenchConf
         quick=args.quick,
         command=" ".join(["collage bench", *argv]),
         backend=args.backend,
+        trace=args.trace,
     )
 
 

@@ -229,7 +229,7 @@ class Harness:
             spec.point.rate,
             cfg.requests,
             arrival=spec.point.pattern,
-            burst_size=cfg.grid * cfg.grid,
+            burst_size=cfg.burst,
             seed=cfg.seed,
             warmup=cfg.warmup,
             timeout_s=cfg.request_timeout + 5.0,

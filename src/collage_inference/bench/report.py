@@ -123,6 +123,16 @@ def target_table(targets: list[Mapping[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _scale_line(results: Mapping[str, Any]) -> list[str]:
+    check = results.get("scale_check")
+    if not check:
+        return []
+    pairs = ", ".join(f"{k.replace('_', ' ')} {_fmt(a, 2)}x at {check['scale']:g}x, {_fmt(b, 2)}x at 1x"
+                      for k, (a, b) in check["ratios"].items())  # fmt: skip
+    verdict = "within 10%" if check["within_10_percent"] else "NOT within 10%: do not trust this scale"
+    return [f"Scale check ({check['pattern']} at load {check['load']:g}): {pairs}; {verdict}."]
+
+
 def render_summary(results: Mapping[str, Any]) -> str:
     """``summary.md``: the curves, the targets, then every load point's table."""
     sc, m = results["scenario"], results["machine"]
@@ -137,10 +147,12 @@ def render_summary(results: Mapping[str, Any]) -> str:
         f"Mean service time {sc['service_ms']:.1f} ms, so load u means u x {results['k']} / "
         f"{sc['service_ms'] / 1e3:.4f} s requests per second. S = {results['grid']}, "
         f"{results['requests']} measured requests per run after {results['warmup']} warm-up, seed "
-        f"{results['seed']}; bursts of {results['k']} requests at once, the bursts Poisson.",
+        f"{results['seed']}; bursts of {results.get('burst_size', results['k'])} requests at once, the "
+        "bursts Poisson.",
         f"Serving path alone (mode none, no stragglers): p50 {_fmt(ref.get('p50_ms'))} ms, accuracy "
         f"{_fmt(ref.get('accuracy'), 4)}; {_fmt(overhead.get('share'), 3)} of the median primary latency "
         f"({'within' if overhead.get('within_limit') else 'OVER'} the 5% a time scale may cost).",
+        *_scale_line(results),
         "![p99 against load](p99-vs-load.png)\n![std against load](std-vs-load.png)",
         "## Targets",
         target_table(results["targets"]),

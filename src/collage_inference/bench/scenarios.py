@@ -24,7 +24,8 @@ from collage_inference.errors import ConfigError
 from collage_inference.serving.slowdown import parse_sampler
 
 TRACE_PATH = REPO_ROOT.parent / "shared" / "traces" / "cloud-latency-trace.npy"
-PATTERNS = ("burst", "poisson")
+PATTERNS = ("burst", "poisson", "constant")  # the loadgen's arrival processes
+DEFAULT_PATTERNS = ("burst", "poisson")
 OVERHEAD_SHARE_LIMIT = 0.05  # the serving path's share of the median primary latency a run may have
 
 
@@ -38,6 +39,7 @@ class Scenario:
     description: str = ""
     onset_rate: float = 0.05  # per-instance only: slow periods per second per worker
     period: float = 2.0  # per-instance only: mean slow period, seconds
+    scale: float = 1.0  # the time scale of the delays (the spec carries it too)
 
     def service_s(self, seed: int = 0, draws: int = 200_000) -> float:
         """Mean service time of one call under this scenario, seconds (sets the offered rate)."""
@@ -65,18 +67,25 @@ class Scenario:
         return {k: round(float(v), 3) for k, v in figures.items()}
 
 
+def at_scale(scenario: Scenario, trace_path: Path, scale: float) -> Scenario:
+    """The same named scenario at another time scale."""
+    return builtin_scenarios(trace_path, scale)[scenario.name]
+
+
 def builtin_scenarios(trace_path: Path = TRACE_PATH, scale: float = 1.0) -> dict[str, Scenario]:
     """The named per-request scenarios. ``trace`` exists only when the trace file does."""
     found = {
         "bimodal": Scenario(
             "bimodal",
             f"bimodal:{scale:g}",
+            scale=scale,
             description=f"The bimodal model fitted to the cloud trace, scaled {scale:g}x: 2% of calls "
             "take ~5x the median.",
         ),
         "pareto": Scenario(
             "pareto",
             f"pareto:alpha=2,scale={0.1 * scale:g},cap={5 * scale:g}",
+            scale=scale,
             description=f"A Pareto tail (alpha 2, from {100 * scale:g} ms, capped at {5 * scale:g} s).",
         ),
     }
@@ -85,6 +94,7 @@ def builtin_scenarios(trace_path: Path = TRACE_PATH, scale: float = 1.0) -> dict
             "trace": Scenario(
                 "trace",
                 f"trace:{trace_path}:{scale:g}",
+                scale=scale,
                 description=f"The cloud latency trace ({trace_path.name}) at {scale:g}x, drawn per "
                 "request: total latency = max(compute, sample).",
             ),
@@ -97,7 +107,7 @@ def builtin_scenarios(trace_path: Path = TRACE_PATH, scale: float = 1.0) -> dict
 class LoadPoint:
     """One arrival pattern at one utilisation of the k s-CNN workers."""
 
-    pattern: str  # "burst" (k requests at once, Poisson bursts) or "poisson"
+    pattern: str  # "burst" (burst_size requests at once, Poisson bursts), "poisson" or "constant"
     load: float
     rate: float  # offered requests per second
 

@@ -189,7 +189,7 @@ async def _infer_response(
         ("source", "BYTES", [a.source.encode() for a in answers]),
     )
     # Where each answer's time went: admission to answer, and the timings of the call that
-    # answered it (worker queue and compute, the front end's round trip, a patient hold).
+    # answered it (worker queue and compute, the front end's round trip, a cell held for its primary).
     parameters: dict[str, list[float | None]] = {"latency_ms": [round(a.latency * 1e3, 3) for a in answers]}
     for key in sorted({k for a in answers for k in a.timings}):
         parameters[f"{key}_ms"] = [_ms(a.timings.get(key)) for a in answers]
@@ -461,6 +461,7 @@ async def serve(args: argparse.Namespace) -> None:
         replicate_timeout=args.replicate_timeout,
         max_pending=args.max_pending,
         reissue_to=args.reissue_to,
+        confident_at=args.confident_at,
     )
     connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, force_close=False)
     async with aiohttp.ClientSession(connector=connector) as session:
@@ -488,6 +489,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", default="3", help="collage side S, or 'auto' to pick S from the arrival rate")
     p.add_argument("--group-timeout", type=float, help="group deadline in seconds (default: adaptive)")
     p.add_argument("--policy", default="confident", choices=[d.value for d in DecoderPolicy])
+    p.add_argument(
+        "--confident-at",
+        type=float,
+        default=0.9,
+        help="policy confident: the cell confidence that answers at once",
+    )
     p.add_argument("--request-timeout", type=float, default=5.0, help="end-to-end deadline (504 past it)")
     p.add_argument("--replicate-timeout", type=float, default=0.1, help="re-issue timeout of mode replicate")
     p.add_argument("--max-pending", type=int, default=4096, help="requests in flight before 429")

@@ -377,7 +377,7 @@ class LocalCluster:
             f"{cfg.replicate_timeout:g}",
         ]
         args += ["--max-pending", str(cfg.max_pending), "--model-name", cfg.model_name]
-        args += ["--reissue-to", cfg.reissue_to]
+        args += ["--reissue-to", cfg.reissue_to, "--confident-at", f"{cfg.confident_at:g}"]
         if cfg.group_timeout is not None:
             args += ["--group-timeout", f"{cfg.group_timeout:g}"]
         if cfg.remote:
@@ -600,6 +600,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument(
         "--policy", choices=("confident", "patient", "first"), help="decoder policy (default confident)"
     )
+    p.add_argument(
+        "--confident-at", type=float, help="policy confident: the cell confidence that answers at once"
+    )
     p.add_argument("--group-timeout", type=float, help="group deadline, seconds (default adaptive)")
     p.add_argument("--request-timeout", type=float, help="end-to-end deadline, seconds (default 5)")
     p.add_argument("--replicate-timeout", type=float, help="re-issue timeout of mode replicate (0.1)")
@@ -657,8 +660,8 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, object]:
         except ValueError:
             raise ConfigError(f"--slow-workers takes indexes like 0,2; got {args.slow_workers!r}") from None
     keys = ("mode", "grid", "policy", "group_timeout", "request_timeout", "replicate_timeout", "reissue_to",
-            "max_pending", "model_name", "host", "port", "ready_timeout", "restart", "token_file",
-            "models_dir", "threads", "scnn_workers", "scnn", "collage")  # fmt: skip
+            "confident_at", "max_pending", "model_name", "host", "port", "ready_timeout", "restart",
+            "token_file", "models_dir", "threads", "scnn_workers", "scnn", "collage")  # fmt: skip
     overrides: dict[str, object] = {k: getattr(args, k) for k in keys}
     overrides.update(
         {

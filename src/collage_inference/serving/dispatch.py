@@ -280,7 +280,10 @@ class WorkerPool:
 
     def pick_idle(self, exclude: str | None = None) -> Worker | None:
         """Like :meth:`pick`, among up workers with no outstanding call only; None when every
-        one is busy (nothing is counted then)."""
+        one is busy (nothing is counted then). A pool of one worker is a deployment that
+        balances its own replicas (Ray Serve): its calls are always placed, as :meth:`pick`."""
+        if len(self.workers) == 1:
+            return self.pick(exclude)
         idle = [w for w in self.workers if w.up and w.outstanding == 0 and w.id != exclude]
         if not idle:
             return None

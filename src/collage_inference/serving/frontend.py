@@ -62,6 +62,7 @@ class FrontEndConfig:
     grid: int | None = 3
     group_timeout: float | None = None
     policy: DecoderPolicy = DecoderPolicy.CONFIDENT
+    confident_at: float = 0.9  # policy confident: a cell this sure answers at once
     request_timeout: float = 5.0  # end-to-end deadline; past it the client gets 504
     replicate_timeout: float = 0.1  # the fixed re-issue timeout of mode ``replicate``
     max_pending: int = 4096  # requests in flight, or s-CNN calls outstanding, before new ones get 429
@@ -131,7 +132,12 @@ class FrontEnd:
         self.encoder = CollageEncoder(tiles, channels) if tiles else None
         self.decoder = Decoder(
             decoder_config(
-                config.mode, class_names, config.policy, config.replicate_timeout, config.request_timeout
+                config.mode,
+                class_names,
+                config.policy,
+                config.replicate_timeout,
+                config.request_timeout,
+                config.confident_at,
             ),
             self.primary_latencies,
         )

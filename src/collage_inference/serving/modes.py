@@ -79,16 +79,17 @@ def decoder_config(
     policy: DecoderPolicy = DecoderPolicy.CONFIDENT,
     replicate_timeout: float = 0.1,
     request_timeout: float = 5.0,
+    confident_at: float = 0.9,
 ) -> DecoderConfig:
     """The decoder settings that make the shared decoder behave as ``mode``."""
-    base = DecoderConfig(class_names, policy=policy)
+    base = DecoderConfig(class_names, policy=policy, confident_at=confident_at)
     if mode.reissue == "fixed":
         return replace(base, primary_timeout=_fixed(replicate_timeout), max_reissues=1)
     if mode.reissue == "p95":
         p95 = AdaptiveTimeout(quantile=0.95, factor=1.0, floor=0.001, ceiling=request_timeout, initial=0.1)
         return replace(base, primary_timeout=p95, max_reissues=1)
     if mode.collage:
-        return base  # patient or first, re-issue only when primary and collage are both late
+        return base  # any policy; re-issue only when primary and collage are both late
     # no redundancy: a failed worker's request is still retried once, but lateness alone is not
     return replace(base, primary_timeout=_fixed(request_timeout), max_reissues=1)
 

@@ -5,6 +5,11 @@ test split with a fixed seed, every test image used exactly once; ``accuracy_par
 same over collages with 1..k-1 images; ``empty_detection`` is the share of empty cells that the
 model calls empty. Latency is batch-1, median of timed runs after a warm-up, for PyTorch eager
 and ONNX Runtime with the same thread count.
+
+Sure cells: the share of a collage model's cells (full collages) whose top probability reaches
+``SURE`` (the front end's ``confident_at``), their accuracy, and the s-CNN's accuracy on the very
+same images. The front end's ``confident`` policy answers such a cell at once instead of waiting
+for the primary, so the gap between the last two is what that costs in accuracy.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from collage_inference.training.synthesis import EMPTY_SOURCE, CollageSynthesize
 from collage_inference.training.train import to_tensor
 
 EVAL_SEED = 2020
+SURE = 0.9  # the confidence at which the front end answers from a collage cell at once
 
 
 @dataclass(frozen=True)
@@ -50,6 +56,9 @@ class ModelReport:
     params: int
     latency_ms_torch: float
     latency_ms_onnx: float | None
+    sure_share: float | None = None  # collage: cells with confidence >= SURE
+    sure_accuracy: float | None = None  # collage: their accuracy
+    scnn_sure_accuracy: float | None = None  # the s-CNN's accuracy on the same images
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -57,23 +66,52 @@ class ModelReport:
 
 def predict(model: nn.Module, inputs: np.ndarray, batch_size: int = 256) -> np.ndarray:
     """Arg-max labels for uint8 (N, H, W, C) inputs: (N,) for s-CNN, (N, k) for collages."""
-    out = []
+    return predict_with_confidence(model, inputs, batch_size)[0]
+
+
+def predict_with_confidence(
+    model: nn.Module, inputs: np.ndarray, batch_size: int = 256
+) -> tuple[np.ndarray, np.ndarray]:
+    """(arg-max labels, top softmax probability), each (N,) for s-CNN or (N, k) for collages."""
+    labels, confidence = [], []
     with torch.no_grad():
         for i in range(0, len(inputs), batch_size):
-            out.append(model(to_tensor(inputs[i : i + batch_size])).argmax(-1).numpy())
-    return np.concatenate(out)
+            top = model(to_tensor(inputs[i : i + batch_size])).softmax(-1).max(-1)
+            labels.append(top.indices.numpy())
+            confidence.append(top.values.numpy())
+    return np.concatenate(labels), np.concatenate(confidence)
 
 
-def _collage_scores(model: nn.Module, meta: ModelMeta, tiles: np.ndarray, labels: np.ndarray, partial: bool):
-    """(accuracy over real cells, share of empty cells predicted empty or None)."""
+@dataclass(frozen=True)
+class _CollageScores:
+    accuracy: float  # over real cells
+    detection: float | None  # share of empty cells predicted empty
+    sure: tuple[float, float, float | None] | None  # (share, accuracy, s-CNN accuracy) at >= SURE
+
+
+def _collage_scores(
+    model: nn.Module,
+    meta: ModelMeta,
+    tiles: np.ndarray,
+    labels: np.ndarray,
+    partial: bool,
+    scnn_labels: np.ndarray | None = None,
+) -> _CollageScores:
     synth = CollageSynthesizer(tiles, labels, meta.grid, meta.config.num_classes)
     batch = synth.build(synth.evaluation_sources(EVAL_SEED, partial))
-    pred = predict(model, batch.collages)
+    pred, confidence = predict_with_confidence(model, batch.collages)
     real = batch.sources != EMPTY_SOURCE
-    accuracy = float((pred == batch.labels)[real].mean())
+    right = pred == batch.labels
     empty = ~real
     detection = float((pred[empty] == meta.config.num_classes).mean()) if empty.any() else None
-    return accuracy, detection
+    sure_cells = real & (confidence >= SURE)
+    sure = None
+    if sure_cells.any():
+        scnn = None
+        if scnn_labels is not None:
+            scnn = float((scnn_labels[batch.sources[sure_cells]] == batch.labels[sure_cells]).mean())
+        sure = (float(sure_cells.sum() / real.sum()), float(right[sure_cells].mean()), scnn)
+    return _CollageScores(float(right[real].mean()), detection, sure)
 
 
 def _median_ms(fn, runs: int, warmup: int = 10) -> float:
@@ -105,19 +143,33 @@ def measure_latency(model: nn.Module, meta: ModelMeta, onnx_path: Path | None, t
     return torch_ms, onnx_ms
 
 
+def scnn_predictions(checkpoint: Path, test: ImageDataset) -> np.ndarray:
+    """An s-CNN's label for every image of ``test``, (N,)."""
+    model, meta = load_checkpoint(checkpoint)
+    return predict(model, fit_images(test.images, meta.config.image_size, meta.config.in_channels))
+
+
 def evaluate_model(
-    checkpoint: Path, test: ImageDataset, threads: int = 1, latency_runs: int = 200
+    checkpoint: Path,
+    test: ImageDataset,
+    threads: int = 1,
+    latency_runs: int = 200,
+    scnn_labels: np.ndarray | None = None,
 ) -> ModelReport:
-    """Evaluate one checkpoint (and the ``.onnx`` beside it, if any) on a test split."""
+    """Evaluate one checkpoint (and the ``.onnx`` beside it, if any) on a test split.
+    ``scnn_labels``: an s-CNN's labels for the same split, to compare a collage model's sure
+    cells with (see the module docstring)."""
     model, meta = load_checkpoint(checkpoint)
     cfg = meta.config
     images = fit_images(test.images, cfg.image_size, cfg.in_channels)
-    partial = detection = None
+    partial = detection = sure = None
     if meta.kind == "scnn":
         accuracy = float((predict(model, images) == test.labels).mean())
     else:
-        accuracy, _ = _collage_scores(model, meta, images, test.labels, partial=False)
-        partial, detection = _collage_scores(model, meta, images, test.labels, partial=True)
+        full = _collage_scores(model, meta, images, test.labels, False, scnn_labels)
+        accuracy, sure = full.accuracy, full.sure
+        scores = _collage_scores(model, meta, images, test.labels, partial=True)
+        partial, detection = scores.accuracy, scores.detection
     cost = model_cost(model, cfg)
     torch_ms, onnx_ms = measure_latency(model, meta, checkpoint.with_suffix(".onnx"), threads, latency_runs)
     return ModelReport(
@@ -131,6 +183,7 @@ def evaluate_model(
         cost.params,
         torch_ms,
         onnx_ms,
+        *(sure or (None, None, None)),
     )
 
 
@@ -138,12 +191,20 @@ def _pct(value: float | None) -> str:
     return "" if value is None or math.isnan(value) else f"{100 * value:.2f}%"
 
 
+def _sure(r: ModelReport) -> str:
+    if r.sure_share is None:
+        return ""
+    return ", ".join(_pct(v) for v in (r.sure_share, r.sure_accuracy, r.scnn_sure_accuracy) if v is not None)
+
+
 def render_table(reports: list[ModelReport]) -> str:
     """The results table as markdown (the MODEL_CARD and README show this exact table)."""
     scnn = next((r for r in reports if r.kind == "scnn"), None)
     head = (
-        "| model | kind | grid | top-1 | partial collages | empty detected | MFLOPs | x s-CNN FLOPs "
-        "| params | PyTorch ms | ONNX Runtime ms |\n|---|---|---|---|---|---|---|---|---|---|---|"
+        "| model | kind | grid | top-1 | partial collages | empty detected "
+        f"| cells at confidence >= {SURE:g}: share, top-1, s-CNN on them "
+        "| MFLOPs | x s-CNN FLOPs | params | PyTorch ms | ONNX Runtime ms |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|"
     )
     rows = []
     for r in reports:
@@ -151,7 +212,7 @@ def render_table(reports: list[ModelReport]) -> str:
         onnx = f"{r.latency_ms_onnx:.3f}" if r.latency_ms_onnx is not None else ""
         rows.append(
             f"| {r.name} | {r.kind} | {r.grid}x{r.grid} | {_pct(r.accuracy)} | {_pct(r.accuracy_partial)} "
-            f"| {_pct(r.empty_detection)} | {1000 * r.gflops:.1f} | {ratio} | {r.params:,} "
+            f"| {_pct(r.empty_detection)} | {_sure(r)} | {1000 * r.gflops:.1f} | {ratio} | {r.params:,} "
             f"| {r.latency_ms_torch:.3f} | {onnx} |"
         )
     return "\n".join([head, *rows])

@@ -229,3 +229,15 @@ def test_a_caller_that_stops_waiting_leaves_nothing_behind():
             await fe.stop()
 
     asyncio.run(scenario())
+
+
+def test_pick_idle_takes_only_an_idle_worker_and_counts_its_call():
+    busy, idle = FakeWorker("s0"), FakeWorker("s1")
+    busy.outstanding = 1
+    pool = WorkerPool([busy, idle])
+    assert pool.pick_idle(exclude="s0") is idle and idle.outstanding == 1
+    assert pool.pick_idle(exclude="s0") is None  # both busy now: nothing counted
+    assert busy.outstanding == 1 and idle.outstanding == 1
+    single = FakeWorker("ray")  # one handle standing for a deployment that routes itself
+    single.outstanding = 5
+    assert WorkerPool([single]).pick_idle(exclude="ray") is single and single.outstanding == 6

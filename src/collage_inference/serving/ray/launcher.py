@@ -50,6 +50,8 @@ def frontend_config(config: ServeConfig) -> FrontEndConfig:
         request_timeout=config.request_timeout,
         replicate_timeout=config.replicate_timeout,
         max_pending=config.max_pending,
+        reissue_to=config.reissue_to,
+        confident_at=config.confident_at,
     )
 
 
@@ -85,7 +87,7 @@ def build_app(config: ServeConfig) -> Any:
     )
     collage = {
         grid: model.options(
-            name=f"collage-{grid}x{grid}", **_scaling(config, rs.collage_replicas, rs.collage_cpus)
+            name=f"collage-{grid}x{grid}", **_scaling(config, collage_replicas(config), rs.collage_cpus)
         ).bind(str(path.resolve()), "onnx", config.threads, slow)
         for grid, path in sorted(config.collage_models().items())
     }
@@ -108,11 +110,16 @@ def app_builder(args: dict[str, Any]) -> Any:
     return build_app(load_config(args.get("config"), {**overrides, "backend": "ray"}))
 
 
+def collage_replicas(config: ServeConfig) -> int:
+    """Replicas per collage grid: the config's, times the mode's collage workers (collage-2: 2)."""
+    return config.ray.collage_replicas * MODES[config.mode].collage_workers
+
+
 def requested_cpus(config: ServeConfig) -> float:
     """Logical CPUs the deployments reserve (the s-CNN at its largest under autoscaling)."""
     rs = config.ray
     scnn = rs.max_replicas if rs.autoscaling else config.scnn_count
-    collage = len(config.collage_models()) * rs.collage_replicas
+    collage = len(config.collage_models()) * collage_replicas(config)
     return scnn * rs.scnn_cpus + collage * rs.collage_cpus + rs.ingress_replicas * rs.ingress_cpus
 
 
@@ -289,7 +296,7 @@ class RayCluster:
     @property
     def extra_cost(self) -> float:
         """Replicas beyond the k of mode ``none``, as a share of k (as the local backend counts)."""
-        return self.mode.extra_cost(self.config.k, self.config.ray.collage_replicas)
+        return self.mode.extra_cost(self.config.k, collage_replicas(self.config))
 
     def describe(self) -> str:
         """What runs where, and what the redundancy costs."""
@@ -313,7 +320,7 @@ class RayCluster:
             f"{cfg.threads} thread(s){note}",
         ]
         lines += [
-            f"  collage-{g}x{g} {rs.collage_replicas} replica(s) x {rs.collage_cpus:g} CPU" for g in grids
+            f"  collage-{g}x{g} {collage_replicas(cfg)} replica(s) x {rs.collage_cpus:g} CPU" for g in grids
         ]
         lines.append(f"  frontend   {rs.ingress_replicas} replica(s) x {rs.ingress_cpus:g} CPU")
         return "\n".join(lines)
