@@ -69,6 +69,8 @@ def png_of(image) -> bytes:
         ('grid = "big"', "`grid`"),
         ('mode = "fast"', "`mode` (--mode)"),
         ('policy = "eager"', "`policy`"),
+        ("confident_at = 1.5", "`confident_at` (--confident-at)"),
+        ('reissue_to = "busiest"', "`reissue_to` (--reissue-to)"),
         ("request_timeout = 0", "`request_timeout` (--request-timeout)"),
         ("group_timeout = -1", "`group_timeout`"),
         ('threads = "two"', "`threads`"),

@@ -43,6 +43,7 @@ from collage_inference.bench.scenarios import LoadPoint, Scenario
 from collage_inference.config import load_config
 from collage_inference.data import load_dataset
 from collage_inference.serving.cluster import open_cluster
+from collage_inference.serving.modes import MODES
 
 if TYPE_CHECKING:
     from collage_inference.bench.compare import BenchConfig
@@ -142,7 +143,8 @@ def front_end_counters(url: str, sent: int) -> dict[str, float | None]:
         with urllib.request.urlopen(f"{url}/metrics", timeout=5) as reply:
             text = reply.read().decode()
     except (OSError, ValueError):
-        return {"reissued_per_request": None, "mean_group_size": None, "group_deadline_ms": None}
+        return {"reissued_per_request": None, "mean_group_size": None, "group_deadline_ms": None,
+                "straggler_window_ms": None, "collages_skipped": None}  # fmt: skip
 
     def one(name: str) -> float | None:
         found = re.search(rf"^{name}\{{[^}}]*\}} (\S+)$", text, re.M)
@@ -154,10 +156,13 @@ def front_end_counters(url: str, sent: int) -> dict[str, float | None]:
     ]
     groups = sum(n for _, n in sizes)
     reissues, deadline = one("collage_reissues_total"), one("collage_group_deadline_seconds")
+    window, skipped = one("collage_straggler_window_seconds"), one("collage_collages_skipped_total")
     return {
         "reissued_per_request": round(reissues / max(sent, 1), 4) if reissues is not None else None,
         "mean_group_size": round(sum(s * n for s, n in sizes) / groups, 3) if groups else None,
         "group_deadline_ms": round(deadline * 1e3, 1) if groups and deadline is not None else None,
+        "straggler_window_ms": round(window * 1e3, 1) if groups and window else None,
+        "collages_skipped": skipped if groups else None,
     }
 
 
@@ -206,6 +211,8 @@ class Harness:
             "reissue_to": spec.reissue_to,
             "backend": cfg.backend,
         }
+        if spec.grid != cfg.grid:  # another S over the same k s-CNN workers, not k = S*S of them
+            overrides["scnn_workers"] = MODES[spec.mode].scnn_workers(cfg.k)
         if spec.replicate_timeout is not None:
             overrides["replicate_timeout"] = spec.replicate_timeout
         if spec.policy is not None:
@@ -244,7 +251,8 @@ class Harness:
                     result = run_load_sync(
                         replace(load, url=cluster.url), self.images.images, self.images.labels
                     )
-                    cost = cluster.extra_cost
+                    # workers beyond the k of mode none (another S keeps the same k workers)
+                    cost = MODES[spec.mode].extra_cost(cfg.k) if spec.grid != cfg.grid else cluster.extra_cost
                     counters = front_end_counters(cluster.url, cfg.requests + cfg.warmup)
                 others = others_share(cpu0, cpu_account()) if cfg.backend == "local" else None
                 attempts.append(

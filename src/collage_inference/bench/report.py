@@ -59,8 +59,10 @@ def _setting(run: Mapping[str, Any]) -> str:
     if run.get("mode") == "hedge":
         return f"p95, {run.get('reissue_to')}"
     if run.get("mode", "").startswith("collage") and run.get("mean_group_size") is not None:
+        skipped = f", {run['collages_skipped']:.0f} skipped" if run.get("collages_skipped") else ""
         return (
-            f"{run['mean_group_size']:.1f} per collage, deadline {_fmt(run.get('group_deadline_ms'), 0)} ms"
+            f"{run['mean_group_size']:.1f} per collage, deadline {_fmt(run.get('group_deadline_ms'), 0)} ms "
+            f"of W {_fmt(run.get('straggler_window_ms'), 0)} ms{skipped}"
         )
     return ""
 

@@ -254,7 +254,7 @@ class FrontEnd:
     def _close_groups(self, groups: list[Group]) -> None:
         for group in groups:
             plan = self.grouper.last_plan
-            self.metrics.observe_group(group, plan.timeout if plan else None)
+            self.metrics.observe_group(group, plan.timeout if plan else None, plan.window if plan else None)
             if self.encoder is None:
                 continue
             pool = self.collage[group.grid]

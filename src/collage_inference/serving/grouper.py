@@ -284,7 +284,7 @@ class Grouper:
             ((t, *self._rescue(t, k, rate, service)) for t in candidates), key=lambda c: c[1]
         )
         if math.isinf(rescue):  # even full groups overload the collage workers: fill what W allows
-            return window, rescue, rho
+            return window, rescue, self._rescue(min(window, fill), k, rate, service)[1]
         if timeout >= fill:
             timeout = min(fill / p.fill_margin, window)
         return max(timeout, p.min_timeout), rescue, rho

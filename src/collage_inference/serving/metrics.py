@@ -35,6 +35,7 @@ class Metrics:
         self.reissues = 0
         self.reissues_skipped = 0  # lateness re-issues not sent: no idle worker (reissue_to idle)
         self.group_deadline = 0.0  # the deadline the grouper gave the newest group, seconds
+        self.straggler_window = 0.0  # the grouper's straggler window W when it opened that group
         self.collages_skipped = 0  # groups whose collage could not land before their stragglers
         self.worker_errors = 0
         self.shed = 0
@@ -53,11 +54,13 @@ class Metrics:
     def observe_failure(self, status: int) -> None:
         self.failures[status] += 1
 
-    def observe_group(self, group: Group, deadline: float | None = None) -> None:
+    def observe_group(self, group: Group, deadline: float | None = None, window: float | None = None) -> None:
         self.group_sizes[len(group.requests)] += 1
         self.group_reasons[str(group.reason)] += 1
         if deadline is not None:
             self.group_deadline = deadline
+        if window is not None:
+            self.straggler_window = window
 
     @property
     def stragglers(self) -> int:
@@ -149,6 +152,12 @@ class Metrics:
             "gauge",
             "The group deadline the grouper chose for the newest group",
             [("", self.group_deadline)],
+        )
+        series(
+            "collage_straggler_window_seconds",
+            "gauge",
+            "The straggler window W (p99 of primary latencies minus one collage pass) for the newest group",
+            [("", self.straggler_window)],
         )
         series(
             "collage_group_size_total",

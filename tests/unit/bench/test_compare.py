@@ -102,6 +102,8 @@ def test_overrides_build_a_valid_serve_config() -> None:
     assert serve.reissue_to == "least-loaded" and serve.slowdown.collage and not serve.restart
     clean = load_config(overrides=h.serve_overrides(RunSpec("none", 3, point, stragglers=False)))
     assert not clean.slowdown.active and clean.reissue_to == "idle"
+    other_s = load_config(overrides=h.serve_overrides(RunSpec("collage", 4, point, policy="patient")))
+    assert other_s.scnn_count == 9 and other_s.grid == 4 and other_s.policy == "patient"  # the same k workers
 
 
 def test_cdf_points_are_monotone_and_reach_the_max() -> None:
