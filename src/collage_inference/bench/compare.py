@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -306,6 +307,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models-dir", type=Path, default=DEFAULT_MODELS_DIR)
     p.add_argument("--backend", choices=("local", "ray"), default="local", help="where the cluster runs")
     p.add_argument("--out", type=Path, help="report folder (default runs/<timestamp>/)")
+    p.add_argument(
+        "--report",
+        type=Path,
+        metavar="RESULTS_JSON",
+        help="run nothing: write the report of a stored results.json again, with the current targets",
+    )
     return p  # fmt: skip
 
 
@@ -376,13 +383,29 @@ def execute(config: BenchConfig, out_dir: Path) -> dict[str, Any]:
     return results
 
 
+def rerender(results_json: Path, out_dir: Path | None = None) -> dict[str, Any]:
+    """The report of a stored run again, judged by the current targets (no runs)."""
+    try:
+        stored = json.loads(results_json.read_text())
+        results = with_targets({k: v for k, v in stored.items() if k != "targets"})
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"{results_json} is not a results.json of `collage bench`: {exc!r}") from exc
+    out = out_dir or results_json.parent
+    write_report(results, out)
+    print(console_summary(results))
+    print(f"\nreport: {out / 'summary.md'}")
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     """0 when every measured target is met, 1 when one is missed, 2 on a bad flag or setup."""
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     try:
-        config = config_from_args(args, argv)
-        results = execute(config, args.out or default_out_dir())
+        if args.report:
+            results = rerender(args.report, args.out)
+        else:
+            results = execute(config_from_args(args, argv), args.out or default_out_dir())
     except CollageError as exc:
         print(f"collage bench: error: {exc}", file=sys.stderr)
         return 2

@@ -13,7 +13,7 @@ from collage_inference.bench.targets import Target, best_baseline
 
 
 def run(p99: float, std: float = 20.0, accuracy: float = 0.93, extra_cost: float = 0.0, **more: Any) -> dict:
-    return {
+    return {"answered": 630,
         "p50_ms": 150.0, "p90_ms": 200.0, "p99_ms": p99, "p999_ms": p99 * 1.2, "mean_ms": 160.0,
         "std_ms": std, "max_ms": p99 * 1.5, "throughput_rps": 30.0, "accuracy": accuracy,
         "extra_cost": extra_cost, "sources": {"primary": 0.95, "collage": 0.05}, "errors": {},
@@ -90,8 +90,9 @@ def test_targets_take_the_best_load_per_pattern_and_the_worst_high_load() -> Non
     assert high["value"] == pytest.approx(700 / 280) and high["where"] == "poisson at load 0.5"
     assert t["none / collage, std, every load >= 0.5 (worst)"]["value"] == pytest.approx(120 / 50)
     assert t["collage / replicate-all, p99, every load (worst)"]["value"] == pytest.approx(1 / 0.9)
-    drop = t["accuracy drop of collage vs s-CNN alone (worst)"]
+    drop = t["accuracy drop of collage vs s-CNN alone (pooled)"]
     assert drop["value"] == pytest.approx(0.2) and drop["met"] is True
+    assert drop["where"].startswith("4 load points, ")
     assert t["extra cost of collage"]["value"] == pytest.approx(1 / 9) and t["extra cost of collage"]["met"]
 
 
@@ -133,3 +134,24 @@ def test_write_report_writes_every_file_and_the_summary_leads_with_curves_and_ta
     assert "OVER the 5%" in summary and "burst p99 ms" in summary
     text = console_summary(res)
     assert "baseline/collage" in text and "best equal-cost baseline / collage" in text
+
+
+def test_the_accuracy_drop_pools_every_load_point_and_names_the_worst() -> None:
+    points = [point("burst", 0.5, 300.0), point("poisson", 0.5, 280.0)]
+    points[0]["modes"]["collage"]["accuracy"] = 0.925  # 0.5 points below the reference
+    points[1]["modes"]["collage"]["accuracy"] = 0.931  # 0.1 above
+    drop = targets(results(points))["accuracy drop of collage vs s-CNN alone (pooled)"]
+    assert drop["value"] == pytest.approx(0.2) and drop["met"] is True
+    assert "worst 0.50 at burst at load 0.5" in drop["where"]
+
+
+def test_a_stored_run_is_judged_again_by_the_current_targets(tmp_path: Path, capsys) -> None:
+    from collage_inference.bench.compare import main
+
+    stored = {**with_targets(results()), "targets": [{"name": "an old target"}]}
+    (tmp_path / "results.json").write_text(json.dumps(stored))
+    assert main(["--report", str(tmp_path / "results.json")]) in (0, 1)
+    again = json.loads((tmp_path / "results.json").read_text())
+    assert "an old target" not in {t["name"] for t in again["targets"]} and (tmp_path / "summary.md").is_file()
+    assert main(["--report", str(tmp_path / "missing.json")]) == 2
+    assert "not a results.json" in capsys.readouterr().err
