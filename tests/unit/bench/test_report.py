@@ -152,6 +152,8 @@ def test_a_stored_run_is_judged_again_by_the_current_targets(tmp_path: Path, cap
     (tmp_path / "results.json").write_text(json.dumps(stored))
     assert main(["--report", str(tmp_path / "results.json")]) in (0, 1)
     again = json.loads((tmp_path / "results.json").read_text())
-    assert "an old target" not in {t["name"] for t in again["targets"]} and (tmp_path / "summary.md").is_file()
+    assert (
+        "an old target" not in {t["name"] for t in again["targets"]} and (tmp_path / "summary.md").is_file()
+    )
     assert main(["--report", str(tmp_path / "missing.json")]) == 2
     assert "not a results.json" in capsys.readouterr().err
