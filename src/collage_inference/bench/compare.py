@@ -27,7 +27,7 @@ from typing import Any
 
 from collage_inference.bench.harness import Harness, Images, RunSpec, load_images
 from collage_inference.bench.machine import BUSY_SHARE, code_version, cpu_busy, load_average, machine
-from collage_inference.bench.report import console_summary, with_targets, write_report
+from collage_inference.bench.report import console_summary, with_targets, write_readme, write_report
 from collage_inference.bench.scenarios import (
     DEFAULT_PATTERNS,
     OVERHEAD_SHARE_LIMIT,
@@ -313,6 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="RESULTS_JSON",
         help="run nothing: write the report of a stored results.json again, with the current targets",
     )
+    p.add_argument("--write-readme", action="store_true", help="with --report: put its figures in the README")
     return p  # fmt: skip
 
 
@@ -383,8 +384,9 @@ def execute(config: BenchConfig, out_dir: Path) -> dict[str, Any]:
     return results
 
 
-def rerender(results_json: Path, out_dir: Path | None = None) -> dict[str, Any]:
-    """The report of a stored run again, judged by the current targets (no runs)."""
+def rerender(results_json: Path, out_dir: Path | None = None, readme: Path | None = None) -> dict[str, Any]:
+    """The report of a stored run again, judged by the current targets (no runs); with ``readme``,
+    its figures also go between the README's bench markers (plots copied to docs/)."""
     try:
         stored = json.loads(results_json.read_text())
         results = with_targets({k: v for k, v in stored.items() if k != "targets"})
@@ -392,6 +394,8 @@ def rerender(results_json: Path, out_dir: Path | None = None) -> dict[str, Any]:
         raise ConfigError(f"{results_json} is not a results.json of `collage bench`: {exc!r}") from exc
     out = out_dir or results_json.parent
     write_report(results, out)
+    if readme is not None:
+        write_readme(results, out, readme)
     print(console_summary(results))
     print(f"\nreport: {out / 'summary.md'}")
     return results
@@ -403,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.report:
-            results = rerender(args.report, args.out)
+            results = rerender(args.report, args.out, REPO_ROOT / "README.md" if args.write_readme else None)
         else:
             results = execute(config_from_args(args, argv), args.out or default_out_dir())
     except CollageError as exc:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from collage_inference.bench.targets import Target, compute_targets, explain, with_ratios
+from collage_inference.errors import ConfigError
 
 MODE_ORDER = (
     "none",
@@ -185,6 +186,39 @@ def render_summary(results: Mapping[str, Any]) -> str:
             f"{ideal['p99_min2_ms']:.1f} ms (no queue, no serving path)."
         )
     return "\n\n".join(parts) + "\n"
+
+
+def readme_block(results: Mapping[str, Any], plots: str) -> str:
+    """The README's figures of a run: where and how it ran, the curves (``plots`` is the folder
+    the PNGs were copied to, relative to the README), the targets and the ratios."""
+    m, sc = results["machine"], results["scenario"]
+    when = results["date"].replace("T", " ").replace("+00:00", " UTC")
+    where = f"{m.get('cpu_model')}, {m.get('cpus')} vCPUs, Python {m.get('python')}"
+    setting = (
+        f"{sc['description']} S = {results['grid']}, {results['requests']} measured requests per run "
+        f"after {results['warmup']} warm-up"
+    )
+    curves = "\n".join(f"![{key} against load]({plots}/bench-{key}-vs-load.png)" for key in ("p99", "std"))
+    head = f"`{results['command']}` on {when}, {results['duration_s'] / 60:.0f} minutes: {where}; {setting}."
+    return "\n\n".join([head, curves, target_table(results["targets"]), ratio_table(results)])
+
+
+def write_readme(results: Mapping[str, Any], run_dir: Path, readme: Path) -> None:
+    """Put the run's figures between the bench markers of ``readme`` and its plots beside it."""
+    docs = readme.parent / "docs"
+    docs.mkdir(exist_ok=True)
+    for name in ("p99-vs-load.png", "std-vs-load.png"):
+        (docs / f"bench-{name}").write_bytes((run_dir / name).read_bytes())
+    text = readme.read_text()
+    if README_START not in text or README_END not in text:
+        raise ConfigError(f"{readme} lacks the {README_START} ... {README_END} markers")
+    head, rest = text.split(README_START, 1)
+    readme.write_text(
+        f"{head}{README_START}\n{readme_block(results, 'docs')}\n{README_END}{rest.split(README_END, 1)[1]}"
+    )
+
+
+README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
 
 
 def _pyplot():

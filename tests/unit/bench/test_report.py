@@ -157,3 +157,18 @@ def test_a_stored_run_is_judged_again_by_the_current_targets(tmp_path: Path, cap
     )
     assert main(["--report", str(tmp_path / "missing.json")]) == 2
     assert "not a results.json" in capsys.readouterr().err
+
+
+def test_the_readme_block_goes_between_its_markers_with_the_plots_beside(tmp_path: Path) -> None:
+    from collage_inference.bench.report import write_readme
+
+    res = with_targets(results())
+    run_dir = tmp_path / "run"
+    write_report(res, run_dir)
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- bench:start -->\nold\n<!-- bench:end -->\nrest\n")
+    write_readme(res, run_dir, readme)
+    text = readme.read_text()
+    assert text.startswith("intro\n<!-- bench:start -->\n`collage bench` on 2026-11-29 06:00:00 UTC")
+    assert "old" not in text and text.endswith("<!-- bench:end -->\nrest\n")
+    assert "docs/bench-p99-vs-load.png" in text and (tmp_path / "docs" / "bench-std-vs-load.png").is_file()
