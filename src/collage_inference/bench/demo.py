@@ -1,7 +1,7 @@
 """`collage demo`: the whole idea in about four minutes, on the shipped models.
 
 Two load points where the effect shows: bursts of k = 9 requests at once (the published
-setting) at half load, and Poisson arrivals at three-quarter load. At each, the local cluster
+setting) and Poisson arrivals, both at half load. At each, the local cluster
 starts once per mode (9 s-CNN workers and one 3x3 collage worker for collage mode), every mode
 gets the same arrivals, images and straggler samples, and the table of p99 ratios is printed
 against the targets. The stragglers come from the published cloud latency trace at its own
@@ -38,7 +38,7 @@ def run_demo(out_dir: Path, models_dir: Path = DEFAULT_MODELS_DIR) -> int:
         return 2
     print(
         f"collage-inference demo: every redundancy mode, S = 3, stragglers from {config.scenario.spec}; "
-        "bursts of 9 at load 0.5 and Poisson arrivals at load 0.75\n",
+        "bursts of 9 and Poisson arrivals, both at load 0.5\n",
         flush=True,
     )
     try:

@@ -45,7 +45,7 @@ def test_the_trace_runs_at_its_own_time_scale_by_default(tmp_path: Path) -> None
 
 def test_quick_is_one_burst_and_one_poisson_point() -> None:
     cfg = config(["--quick", "--trace", MISSING])
-    assert [(p.pattern, p.load) for p in cfg.points()] == [("burst", 0.5), ("poisson", 0.75)]
+    assert [(p.pattern, p.load) for p in cfg.points()] == [("burst", 0.5), ("poisson", 0.5)]
     # none, 2 replicate timeouts (idle re-issues), hedge, replicate-all, collage, per point; + reference
     assert cfg.runs_per_point() == 6 and cfg.runs() == 2 * 6 + 1
     assert cfg.warmup % 9 == 0 and cfg.requests % 9 == 0  # whole bursts
