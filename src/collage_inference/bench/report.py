@@ -130,8 +130,8 @@ def _scale_line(results: Mapping[str, Any]) -> list[str]:
     check = results.get("scale_check")
     if not check:
         return []
-    pairs = ", ".join(f"{k.replace('_', ' ')} {_fmt(a, 2)}x at {check['scale']:g}x, {_fmt(b, 2)}x at 1x"
-                      for k, (a, b) in check["ratios"].items())  # fmt: skip
+    measured = [(k.replace("_", " "), a, b) for k, (a, b) in check["ratios"].items() if a and b]
+    pairs = ", ".join(f"{k} {a:.2f}x at {check['scale']:g}x, {b:.2f}x at 1x" for k, a, b in measured)
     verdict = "within 10%" if check["within_10_percent"] else "NOT within 10%: do not trust this scale"
     return [f"Scale check ({check['pattern']} at load {check['load']:g}): {pairs}; {verdict}."]
 

@@ -172,3 +172,18 @@ def test_the_readme_block_goes_between_its_markers_with_the_plots_beside(tmp_pat
     assert text.startswith("intro\n<!-- bench:start -->\n`collage bench` on 2026-11-29 06:00:00 UTC")
     assert "old" not in text and text.endswith("<!-- bench:end -->\nrest\n")
     assert "docs/bench-p99-vs-load.png" in text and (tmp_path / "docs" / "bench-std-vs-load.png").is_file()
+
+
+def test_a_shorter_time_scale_reports_its_check_at_1x() -> None:
+    res = with_targets(results())
+    ratios = {"none_over_collage_p99": [2.0, 1.6], "baseline_over_collage_p99": [None, 1.1]}
+    res["scale_check"] = {
+        "pattern": "burst",
+        "load": 0.5,
+        "scale": 0.5,
+        "within_10_percent": False,
+        "ratios": ratios,
+    }
+    line = next(ln for ln in render_summary(res).splitlines() if ln.startswith("Scale check"))
+    assert "none over collage p99 2.00x at 0.5x, 1.60x at 1x" in line and "NOT within 10%" in line
+    assert "baseline" not in line
