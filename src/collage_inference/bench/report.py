@@ -195,8 +195,8 @@ def readme_block(results: Mapping[str, Any], plots: str) -> str:
     when = results["date"].replace("T", " ").replace("+00:00", " UTC")
     where = f"{m.get('cpu_model')}, {m.get('cpus')} vCPUs, Python {m.get('python')}"
     setting = (
-        f"{sc['description']} S = {results['grid']}, {results['requests']} measured requests per run "
-        f"after {results['warmup']} warm-up"
+        f"stragglers: {sc['description'][:1].lower()}{sc['description'][1:]} S = {results['grid']}, "
+        f"{results['requests']} measured requests per run after {results['warmup']} warm-up"
     )
     curves = "\n".join(f"![{key} against load]({plots}/bench-{key}-vs-load.png)" for key in ("p99", "std"))
     head = f"`{results['command']}` on {when}, {results['duration_s'] / 60:.0f} minutes: {where}; {setting}."
