@@ -176,9 +176,8 @@ def accuracy_drop(results: Mapping[str, Any]) -> tuple[float | None, str]:
     answered = sum(r["answered"] for _, r in runs)
     pooled = sum(r["accuracy"] * r["answered"] for _, r in runs) / answered
     at, worst = max(((p, (ref - r["accuracy"]) * 100) for p, r in runs), key=lambda w: w[1])
-    return (
-        ref - pooled
-    ) * 100, f"{len(runs)} load points, {answered} answers; worst {worst:.2f} at {_where(at)}"
+    where = f"{len(runs)} load points, {answered} answers; worst {worst:.2f} at {_where(at)}"
+    return (ref - pooled) * 100, where
 
 
 def _where(point: Point | None) -> str:
@@ -206,11 +205,9 @@ def explain(results: Mapping[str, Any], target: Target) -> str:
     share = (collage.get("sources") or {}).get("collage")
     if share is not None:
         bits.append(f"{share:.1%} of requests were answered by their collage cell")
-    for name in ("collage-2",):
-        if name in point["ratios"]:
-            value = point["ratios"][name].get(target_key(target))
-            if value is not None:
-                bits.append(f"{name} (2/k cost) reaches {value:.2f}x")
+    two = point["ratios"].get("collage-2", {}).get(target_key(target))
+    if two is not None:
+        bits.append(f"collage-2 (2/k cost) reaches {two:.2f}x")
     return "; ".join(bits)
 
 
