@@ -159,7 +159,8 @@ def _model_config_from_args(args: argparse.Namespace):
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from collage_inference.data import load_dataset
-    from collage_inference.training.checkpoint import load_checkpoint
+    from collage_inference.modelspec import ModelMeta
+    from collage_inference.training.checkpoint import read_checkpoint
     from collage_inference.training.evaluate import (
         evaluate_model,
         machine_summary,
@@ -172,7 +173,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     test = load_dataset(args.dataset, "test", args.data_dir)
     # the s-CNN among the models (or the shipped one) labels every image once, so that each collage
     # model's sure cells can be compared with it on the same images
-    scnn = next((p for p in paths if load_checkpoint(p)[1].kind == "scnn"), None)
+    scnn = next((p for p in paths if ModelMeta.from_dict(read_checkpoint(p)["meta"]).kind == "scnn"), None)
     shipped = args.models_dir / "scnn.pt"
     scnn = scnn or (shipped if shipped.is_file() else None)
     scnn_labels = scnn_predictions(scnn, test) if scnn is not None else None

@@ -94,8 +94,17 @@ def _bad(key: str, problem: str, fix: str) -> ConfigError:
     return ConfigError(f"`{key}` ({_flag(key)}) {problem}; {fix}")
 
 
-def _number(value: Any, key: str, *, integer: bool = False, low: float = 0.0, strict: bool = True) -> Any:
-    """Check a number (ints allowed where floats are); ``strict``: above ``low``, else at least."""
+def _number(
+    value: Any,
+    key: str,
+    *,
+    integer: bool = False,
+    low: float = 0.0,
+    strict: bool = True,
+    high: float = math.inf,
+) -> Any:
+    """Check a number (ints allowed where floats are); ``strict``: above ``low``, else at least;
+    at most ``high``."""
     kind = "an integer" if integer else "a number"
     ok_type = isinstance(value, int) if integer else isinstance(value, int | float)
     if isinstance(value, bool) or not ok_type or not math.isfinite(value):
@@ -103,6 +112,8 @@ def _number(value: Any, key: str, *, integer: bool = False, low: float = 0.0, st
     if value < low or (strict and value == low):
         bound = f"above {low:g}" if strict else f"at least {low:g}"
         raise _bad(key, f"must be {bound}, got {value!r}", "give a larger value")
+    if value > high:
+        raise _bad(key, f"must be at most {high:g}, got {value!r}", "give a smaller value")
     return value
 
 
@@ -296,14 +307,7 @@ class ServeConfig:
             raise _bad("grid", f"is {self.grid!r}", f'give the collage side 2..{MAX_GRID} or "auto"')
         _choice(self.policy, "policy", [p.value for p in DecoderPolicy])
         _choice(self.reissue_to, "reissue_to", REISSUE_TARGETS)
-        if (
-            isinstance(self.confident_at, bool)
-            or not isinstance(self.confident_at, int | float)
-            or not (0 <= self.confident_at <= 1)
-        ):
-            raise _bad(
-                "confident_at", f"is {self.confident_at!r}", "give a probability in [0, 1], such as 0.9"
-            )
+        _number(self.confident_at, "confident_at", strict=False, high=1.0)  # a probability
         if self.group_timeout is not None:
             _number(self.group_timeout, "group_timeout")
         _number(self.request_timeout, "request_timeout")

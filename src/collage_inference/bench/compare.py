@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from collage_inference.bench.harness import Harness, Images, RunSpec, load_images
+from collage_inference.bench.harness import Harness, Images, RunSpec, load_images, serve_overrides
 from collage_inference.bench.machine import BUSY_SHARE, code_version, cpu_busy, load_average, machine
 from collage_inference.bench.report import console_summary, with_targets, write_readme, write_report
 from collage_inference.bench.scenarios import (
@@ -38,6 +38,7 @@ from collage_inference.bench.scenarios import (
     builtin_scenarios,
     load_points,
 )
+from collage_inference.bench.targets import with_ratios
 from collage_inference.config import DEFAULT_MODELS_DIR, REPO_ROOT, load_config
 from collage_inference.errors import CollageError, ConfigError
 from collage_inference.serving.modes import MODES, REISSUE_TARGETS
@@ -136,10 +137,11 @@ def reference_point(points: Sequence[LoadPoint]) -> LoadPoint:
 
 def preflight(config: BenchConfig) -> None:
     """Fail in a second, not after minutes of runs: every model a run needs must exist."""
-    harness = Harness(config, config.scenario, Images(None, None, ""))  # type: ignore[arg-type]
     point = config.points()[0]
     for mode in config.modes:
-        load_config(overrides=harness.serve_overrides(RunSpec(mode, config.grid, point))).collage_models()
+        load_config(
+            overrides=serve_overrides(config, config.scenario, RunSpec(mode, config.grid, point))
+        ).collage_models()
     load_config(overrides={"models_dir": config.models_dir}).scnn_model()
 
 
@@ -172,14 +174,12 @@ def run_bench(
 def scale_check(config: BenchConfig, harness: Harness, results: dict[str, Any]) -> dict[str, Any]:
     """At a time scale other than 1x, one load point again at 1x: the ratios must match within
     10%, or the shorter scale changed the regime (its fixed costs no longer small)."""
-    scaled = with_targets({**results, "points": [results["points"][0]]})["points"][0]
+    scaled = results["points"][0]  # assembled: its ratios are in
     real = at_scale(config.scenario, config.trace, 1.0)
     point = load_points((scaled["pattern"],), (scaled["load"],), config.k, real.service_s(config.seed))[0]
-    at_one = with_targets(
-        {**results, "points": [Harness(config, real, harness.images, harness.log).point(point)]}
-    )
+    at_one = with_ratios(Harness(config, real, harness.images, harness.log).point(point))
     keys = ("baseline_over_collage_p99", "none_over_collage_p99")
-    ours, theirs = scaled["ratios"]["collage"], at_one["points"][0]["ratios"]["collage"]
+    ours, theirs = scaled["ratios"]["collage"], at_one["ratios"]["collage"]
     gaps = {k: abs(ours[k] / theirs[k] - 1) for k in keys if ours.get(k) and theirs.get(k)}
     return {"pattern": point.pattern, "load": point.load, "scale": config.scenario.scale,
             "ratios": {k: [ours.get(k), theirs.get(k)] for k in keys},

@@ -26,7 +26,6 @@ run above a quarter (``retry_busy``), keeping the quieter attempt.
 
 from __future__ import annotations
 
-import re
 import statistics
 import sys
 import time
@@ -43,6 +42,7 @@ from collage_inference.bench.scenarios import LoadPoint, Scenario
 from collage_inference.config import load_config
 from collage_inference.data import load_dataset
 from collage_inference.serving.cluster import open_cluster
+from collage_inference.serving.metrics import parse_metrics
 from collage_inference.serving.modes import MODES
 
 if TYPE_CHECKING:
@@ -136,33 +136,37 @@ def run_dict(result: LoadResult, extra_cost: float, wall_s: float) -> dict[str, 
     return record
 
 
+COUNTERS = ("reissued_per_request", "mean_group_size", "group_deadline_ms", "straggler_window_ms",
+            "collages_skipped")  # fmt: skip
+
+
 def front_end_counters(url: str, sent: int) -> dict[str, float | None]:
     """From the front end's ``/metrics`` (warm-up included): re-issued s-CNN calls per request,
-    the mean requests per collage group and the last group deadline (None when not exposed)."""
+    the mean requests per collage group, the last group deadline and straggler window, and the
+    collages not sent (None when not exposed)."""
     try:
         with urllib.request.urlopen(f"{url}/metrics", timeout=5) as reply:
-            text = reply.read().decode()
+            found = parse_metrics(reply.read().decode())
     except (OSError, ValueError):
-        return {"reissued_per_request": None, "mean_group_size": None, "group_deadline_ms": None,
-                "straggler_window_ms": None, "collages_skipped": None}  # fmt: skip
+        return dict.fromkeys(COUNTERS)
 
     def one(name: str) -> float | None:
-        found = re.search(rf"^{name}\{{[^}}]*\}} (\S+)$", text, re.M)
-        return float(found.group(1)) if found else None
+        return next((v for (n, _), v in found.items() if n == name), None)
 
     sizes = [
-        (int(s), float(n))
-        for s, n in re.findall(r'^collage_group_size_total\{size="(\d+)"\} (\S+)$', text, re.M)
+        (int(labels.split('"')[1]), n)
+        for (name, labels), n in found.items()
+        if name == "collage_group_size_total"
     ]
     groups = sum(n for _, n in sizes)
     reissues, deadline = one("collage_reissues_total"), one("collage_group_deadline_seconds")
-    window, skipped = one("collage_straggler_window_seconds"), one("collage_collages_skipped_total")
+    window = one("collage_straggler_window_seconds")
     return {
         "reissued_per_request": round(reissues / max(sent, 1), 4) if reissues is not None else None,
         "mean_group_size": round(sum(s * n for s, n in sizes) / groups, 3) if groups else None,
         "group_deadline_ms": round(deadline * 1e3, 1) if groups and deadline is not None else None,
         "straggler_window_ms": round(window * 1e3, 1) if groups and window else None,
-        "collages_skipped": skipped if groups else None,
+        "collages_skipped": one("collage_collages_skipped_total") if groups else None,
     }
 
 
@@ -187,6 +191,36 @@ def _log_stderr(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
+def serve_overrides(cfg: BenchConfig, sc: Scenario, spec: RunSpec) -> dict[str, Any]:
+    """The ServeConfig keys of one run: fresh ports, no restarts (a crash must show as errors)."""
+    overrides: dict[str, Any] = {
+        "mode": spec.mode,
+        "grid": spec.grid,
+        "port": 0,
+        "restart": False,
+        "models_dir": cfg.models_dir,
+        "request_timeout": cfg.request_timeout,
+        "reissue_to": spec.reissue_to,
+        "backend": cfg.backend,
+    }
+    if spec.grid != cfg.grid:  # another S over the same k s-CNN workers, not k = S*S of them
+        overrides["scnn_workers"] = MODES[spec.mode].scnn_workers(cfg.k)
+    if spec.replicate_timeout is not None:
+        overrides["replicate_timeout"] = spec.replicate_timeout
+    if spec.policy is not None:
+        overrides["policy"] = spec.policy
+    if spec.stragglers:
+        overrides |= {
+            "slowdown.spec": sc.spec,
+            "slowdown.kind": sc.kind,
+            "slowdown.seed": cfg.seed,
+            "slowdown.onset_rate": sc.onset_rate,
+            "slowdown.period": sc.period,
+            "slowdown.collage": cfg.straggle_collage,
+        }
+    return overrides
+
+
 @dataclass
 class Harness:
     """Runs the settings of one bench config against fresh clusters, with progress on stderr."""
@@ -199,34 +233,7 @@ class Harness:
     done: int = 0
 
     def serve_overrides(self, spec: RunSpec) -> dict[str, Any]:
-        """The ServeConfig keys of one run: fresh ports, no restarts (a crash must show as errors)."""
-        cfg, sc = self.config, self.scenario
-        overrides: dict[str, Any] = {
-            "mode": spec.mode,
-            "grid": spec.grid,
-            "port": 0,
-            "restart": False,
-            "models_dir": cfg.models_dir,
-            "request_timeout": cfg.request_timeout,
-            "reissue_to": spec.reissue_to,
-            "backend": cfg.backend,
-        }
-        if spec.grid != cfg.grid:  # another S over the same k s-CNN workers, not k = S*S of them
-            overrides["scnn_workers"] = MODES[spec.mode].scnn_workers(cfg.k)
-        if spec.replicate_timeout is not None:
-            overrides["replicate_timeout"] = spec.replicate_timeout
-        if spec.policy is not None:
-            overrides["policy"] = spec.policy
-        if spec.stragglers:
-            overrides |= {
-                "slowdown.spec": sc.spec,
-                "slowdown.kind": sc.kind,
-                "slowdown.seed": cfg.seed,
-                "slowdown.onset_rate": sc.onset_rate,
-                "slowdown.period": sc.period,
-                "slowdown.collage": cfg.straggle_collage,
-            }
-        return overrides
+        return serve_overrides(self.config, self.scenario, spec)
 
     def measure(self, spec: RunSpec) -> dict[str, Any]:
         """Start the cluster of ``spec``, run the load ``repeats`` times, stop it; the median run."""

@@ -43,6 +43,7 @@ class Target:
     op: str  # ">=", "<=" or "~" (within COST_TOLERANCE of goal)
     unit: str = "x"
     where: str = ""
+    ratio: str = ""  # the per-point ratio it is built from (a key of ``point_ratios``), if any
 
     @property
     def met(self) -> bool | None:
@@ -144,21 +145,30 @@ def compute_targets(results: Mapping[str, Any]) -> list[Target]:
     def high(p: Point) -> bool:
         return p["load"] >= HIGH_LOAD
 
-    burst = _extreme(points, "baseline_over_collage_p99", max, pattern("burst"))
-    poisson = _extreme(points, "baseline_over_collage_p99", max, pattern("poisson"))
-    none_p99 = _extreme(points, "none_over_collage_p99", min, high)
-    none_std = _extreme(points, "none_over_collage_std", min, high)
-    versus_all = _extreme(points, "collage_over_replicate_all_p99", max, lambda p: True)
+    def claim(
+        name: str, key: str, extreme: Callable[..., Any], keep: Callable[[Point], bool], goal: float, op: str
+    ) -> Target:
+        value, where = _extreme(points, key, extreme, keep)
+        return Target(name, value, goal, op, where=where, ratio=key)
+
+    def every(p: Point) -> bool:
+        return True
+
     drop, drop_at = accuracy_drop(results)
     costs = [c for p in points if (c := _get(p, "collage", "extra_cost")) is not None]
-    baseline = "best equal-cost baseline / collage, p99"
+    base, none, versus_all = (
+        "baseline_over_collage_p99",
+        "none_over_collage_",
+        "collage_over_replicate_all_p99",
+    )
     return [
-        Target(f"{baseline}, bursts, best load", burst[0], 1.5, ">=", where=burst[1]),
-        Target(f"{baseline}, Poisson, best load", poisson[0], 1.5, ">=", where=poisson[1]),
-        Target("none / collage, p99, every load >= 0.5 (worst)", none_p99[0], 2.0, ">=", where=none_p99[1]),
-        Target("none / collage, std, every load >= 0.5 (worst)", none_std[0], 2.0, ">=", where=none_std[1]),
-        Target("collage / replicate-all, p99, every load (worst)", versus_all[0], 1.3, "<=",
-               where=versus_all[1]),
+        claim("best equal-cost baseline / collage, p99, bursts, best load", base, max, pattern("burst"),
+              1.5, ">="),
+        claim("best equal-cost baseline / collage, p99, Poisson, best load", base, max, pattern("poisson"),
+              1.5, ">="),
+        claim("none / collage, p99, every load >= 0.5 (worst)", none + "p99", min, high, 2.0, ">="),
+        claim("none / collage, std, every load >= 0.5 (worst)", none + "std", min, high, 2.0, ">="),
+        claim("collage / replicate-all, p99, every load (worst)", versus_all, max, every, 1.3, "<="),
         Target("accuracy drop of collage vs s-CNN alone (pooled)", drop, 0.3, "<=", " points", drop_at),
         Target("extra cost of collage", max(costs) if costs else None, 1.0 / k, "~", "", "every load"),
     ]  # fmt: skip
@@ -205,18 +215,7 @@ def explain(results: Mapping[str, Any], target: Target) -> str:
     share = (collage.get("sources") or {}).get("collage")
     if share is not None:
         bits.append(f"{share:.1%} of requests were answered by their collage cell")
-    two = point["ratios"].get("collage-2", {}).get(target_key(target))
+    two = point["ratios"].get("collage-2", {}).get(target.ratio)
     if two is not None:
         bits.append(f"collage-2 (2/k cost) reaches {two:.2f}x")
     return "; ".join(bits)
-
-
-def target_key(target: Target) -> str:
-    """The per-point ratio a target is built from."""
-    if target.name.startswith("best equal-cost"):
-        return "baseline_over_collage_p99"
-    if target.name.startswith("none / collage, p99"):
-        return "none_over_collage_p99"
-    if target.name.startswith("none / collage, std"):
-        return "none_over_collage_std"
-    return "collage_over_replicate_all_p99"

@@ -248,13 +248,11 @@ class Decoder:
 
     def reissue_skipped(self, request_id: str, now: float) -> list[Action]:
         """An optional :class:`Reissue` was not sent (no idle worker): the request keeps waiting
-        for the call still running, and the re-issue stays used."""
-        st = self._pending.get(request_id)
-        if st is None:
-            return []
-        st.single_outstanding = max(st.single_outstanding - 1, 0)
-        self.stats.reissues -= 1
-        return self._settle(st, now)
+        for the call still running, and the re-issue stays used. Its state moves as for a call
+        that ended without an answer; only the count of re-issues sent is taken back."""
+        if request_id in self._pending:
+            self.stats.reissues -= 1
+        return self.worker_failed(request_id, now)
 
     def tick(self, now: float) -> list[Action]:
         """Act on every deadline that has passed: patient holds, re-issues, 504s."""

@@ -273,10 +273,7 @@ class WorkerPool:
             candidates = [w for w in self.workers if w.up] or self.workers
         if not candidates:
             raise UnavailableError("no worker is configured for this model")
-        worker = min(candidates, key=lambda w: (w.outstanding, w.latency))
-        worker.outstanding += 1
-        self.picked[worker.id] += 1
-        return worker
+        return self._take(min(candidates, key=lambda w: (w.outstanding, w.latency)))
 
     def pick_idle(self, exclude: str | None = None) -> Worker | None:
         """Like :meth:`pick`, among up workers with no outstanding call only; None when every
@@ -285,9 +282,10 @@ class WorkerPool:
         if len(self.workers) == 1:
             return self.pick(exclude)
         idle = [w for w in self.workers if w.up and w.outstanding == 0 and w.id != exclude]
-        if not idle:
-            return None
-        worker = min(idle, key=lambda w: w.latency)
+        return self._take(min(idle, key=lambda w: w.latency)) if idle else None
+
+    def _take(self, worker: Worker) -> Worker:
+        """Count one more outstanding call on the picked worker (``infer`` gives it back)."""
         worker.outstanding += 1
         self.picked[worker.id] += 1
         return worker
