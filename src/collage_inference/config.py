@@ -203,6 +203,15 @@ class SlowdownSettings:
         return [*args, "--contention", f"{self.contention:g}"] if self.contention else args
 
 
+@dataclass(frozen=True)
+class Limits:
+    """Bounds on what a server accepts, so one request cannot exhaust its memory or sockets."""
+
+    max_body_bytes: int = 64 * 2**20
+    max_elements: int = 2**24
+    body_timeout: float = 10.0  # seconds a client may take to send its head and body (slow clients)
+
+
 BACKENDS = ("local", "ray")
 
 

@@ -2,6 +2,7 @@
 
     CollageError                    base: catch this to catch everything we raise on purpose
     ├── ConfigError                 a setting or flag is invalid (bad grid, unknown model kind)
+    │   └── ListenError             a server cannot listen on its address (port taken)
     ├── DataError                   a dataset cannot be read
     │   ├── DataNotFoundError       a file or folder is missing
     │   └── DataFormatError         a file is truncated, corrupt or laid out wrongly
@@ -13,7 +14,9 @@
         │   ├── PayloadTooLargeError  413: body or image beyond the limits
         │   └── RequestTimeoutError   408: the client sent its body too slowly
         ├── UnauthorizedError       401: missing or wrong bearer token
-        ├── ModelNotFoundError      404: unknown model name
+        ├── NotFoundError           404: no such path
+        │   └── ModelNotFoundError  404: unknown model name
+        ├── MethodNotAllowedError   405: the path exists, the method does not
         ├── OverloadedError         429: queues full, retry later
         ├── WorkerError             502: a worker failed or answered garbage
         ├── UnavailableError        503: no worker ready
@@ -30,6 +33,10 @@ class CollageError(Exception):
 
 class ConfigError(CollageError):
     """A setting, flag or config file value is invalid."""
+
+
+class ListenError(ConfigError):
+    """A server cannot listen on its address (the port is taken, or the host is not ours)."""
 
 
 class DataError(CollageError):
@@ -86,7 +93,19 @@ class RequestTimeoutError(ProtocolError):
     status = 408
 
 
-class ModelNotFoundError(ServingError):
+class NotFoundError(ServingError):
+    """No endpoint has the requested path (HTTP 404)."""
+
+    status = 404
+
+
+class MethodNotAllowedError(ServingError):
+    """The path exists but not for the request's method (HTTP 405)."""
+
+    status = 405
+
+
+class ModelNotFoundError(NotFoundError):
     """The request names a model this server does not serve (HTTP 404)."""
 
     status = 404

@@ -32,6 +32,7 @@ import numpy as np
 import orjson
 
 from collage_inference import __version__
+from collage_inference.config import Limits
 from collage_inference.errors import PayloadTooLargeError, ProtocolError
 from collage_inference.serving.kept import Kept
 
@@ -73,15 +74,6 @@ SERVER_METADATA: dict[str, Any] = {
     "version": __version__,
     "extensions": ["binary_tensor_data"],
 }  # what ``GET /v2`` answers on every server of the project
-
-
-@dataclass(frozen=True)
-class Limits:
-    """Bounds on what a server accepts, so one request cannot exhaust its memory or sockets."""
-
-    max_body_bytes: int = 64 * 2**20
-    max_elements: int = 2**24
-    body_timeout: float = 10.0  # seconds a client may take to send its body (slow clients)
 
 
 @dataclass(frozen=True, eq=False)
