@@ -32,7 +32,7 @@ from collage_inference.errors import CollageError, ConfigError
 SERVICE_COMMANDS = {
     "worker": ("collage_inference.serving.worker", "serve one model over KServe V2"),
     "frontend": ("collage_inference.serving.api", "run the collage front end over running workers"),
-    "serve": ("collage_inference.serving.cluster", "start workers and front end on this machine"),
+    "serve": ("collage_inference.deploy.local", "start workers and front end on this machine"),
     "loadgen": ("collage_inference.bench.loadgen", "open-loop load against a V2 endpoint"),
     "bench": (
         "collage_inference.bench.compare",

@@ -56,19 +56,20 @@ File layout (every key optional)::
 
 from __future__ import annotations
 
+import argparse
 import difflib
+import json
 import math
 import os
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 from collage_inference.errors import ConfigError
-from collage_inference.serving.modes import MODES, REISSUE_TARGETS
-from collage_inference.serving.slowdown import KINDS, parse_slowdown
-from collage_inference.serving.types import DecoderPolicy
+from collage_inference.modes import MODES, REISSUE_TARGETS, DecoderPolicy, Mode
+from collage_inference.slowdown import KINDS, parse_slowdown
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_MODELS_DIR = Path(os.environ.get("COLLAGE_MODELS_DIR", REPO_ROOT / "models" / "fashion-mnist"))
@@ -76,6 +77,7 @@ AUTO = "auto"
 AUTO_GRIDS = (2, 3, 4)  # the collage grids ``grid = "auto"`` serves when their models exist
 AUTO_SIZING_GRID = 3  # with ``grid = "auto"``, s-CNN workers are sized for k = 3 x 3 by default
 MAX_GRID = 8
+COLLAGE_SEED_OFFSET = 1000  # collage worker i draws its delays with seed + 1000 + i
 # [slowdown] keys -> the flags of `collage serve` (and of `collage worker`, where they exist)
 SLOWDOWN_FLAGS = {"spec": "slowdown", "kind": "slowdown_kind", "workers": "slow_workers",
                   "collage": "slow_collage", "onset_rate": "slow_onset_rate", "period": "slow_period",
@@ -196,11 +198,16 @@ class SlowdownSettings:
             return self.collage
         return self.workers is None or index in self.workers
 
-    def worker_args(self, index: int) -> list[str]:
-        """The worker flags that make worker ``index`` straggle as configured."""
-        args = ["--slowdown", self.spec, "--slowdown-kind", self.kind, "--seed", str(self.seed + index)]
-        args += ["--slow-onset-rate", f"{self.onset_rate:g}", "--slow-period", f"{self.period:g}"]
-        return [*args, "--contention", f"{self.contention:g}"] if self.contention else args
+    def for_worker(self, kind: str, index: int) -> SlowdownSettings | None:
+        """How worker ``index`` of ``kind`` straggles: these settings with its own seed
+        (``seed + index``; collage workers ``seed + 1000 + index``), or None if it does not."""
+        if not self.slows(kind, index):
+            return None
+        return replace(self, seed=self.seed + index + (COLLAGE_SEED_OFFSET if kind == "collage" else 0))
+
+    def describe(self) -> str:
+        note = f"{self.spec} ({self.kind}, seed {self.seed})"
+        return f"{note}, contention {self.contention:g}" if self.contention else note
 
 
 @dataclass(frozen=True)
@@ -270,42 +277,74 @@ class RaySettings:
         return self.address == "local"
 
 
+def _port(value: Any, key: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 65535:
+        raise _bad(key, f"is {value!r}", "give a port in 0..65535 (0 picks a free one)")
+
+
 @dataclass(frozen=True)
-class ServeConfig:
-    """A whole deployment: front end, mode, and local or remote workers (see the module doc)."""
+class WorkerSettings:
+    """One model worker: the model it serves, where it listens, its bounds and how it straggles.
+
+    ``slowdown`` is this worker's own (its seed already chosen); None: it does not straggle.
+    """
+
+    model_path: Path
+    backend: str = "onnx"
+    threads: int = 1
+    name: str | None = None  # the model name in its V2 URLs; None: the model's own name
+    host: str = "127.0.0.1"
+    port: int = 8001
+    max_queue: int = 64  # calls admitted (waiting plus computing) before 429
+    max_batch: int = 256  # images per call before 413
+    limits: Limits = field(default_factory=Limits)
+    slowdown: SlowdownSettings | None = None
+    token_file: Path | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "model_path", Path(self.model_path))
+        _number(self.threads, "threads", integer=True)
+        _number(self.max_queue, "max_queue", integer=True)
+        _number(self.max_batch, "max_batch", integer=True)
+        _port(self.port, "port")
+        if isinstance(self.limits, dict):
+            object.__setattr__(self, "limits", Limits(**self.limits))
+        if isinstance(self.slowdown, dict):
+            object.__setattr__(self, "slowdown", SlowdownSettings(**self.slowdown))
+        if self.token_file is not None:
+            object.__setattr__(self, "token_file", Path(self.token_file))
+
+    def dump(self, path: Path) -> Path:
+        """Write these settings as JSON (what a launcher hands a worker process)."""
+        path.write_text(json.dumps(asdict(self), default=str))
+        return path
+
+    @classmethod
+    def load(cls, path: Path | str) -> WorkerSettings:
+        try:
+            data = json.loads(Path(path).read_text())
+            return cls(**data)
+        except (OSError, ValueError, TypeError) as exc:
+            raise ConfigError(f"cannot read worker settings from {path}: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class FrontEndSettings:
+    """The front end's knobs: what every launcher hands the front end, each default written here."""
 
     mode: str = "collage"
     grid: int | str = 3
     policy: str = "confident"
-    confident_at: float = 0.9
-    group_timeout: float | None = None
-    request_timeout: float = 5.0
-    replicate_timeout: float = 0.1
-    reissue_to: str = "idle"
-    max_pending: int = 4096
-    model_name: str = "classifier"
-    host: str = "127.0.0.1"
-    port: int = 8000
-    models_dir: Path = DEFAULT_MODELS_DIR
-    threads: int = 1
-    scnn_workers: int | None = None
-    ready_timeout: float = 60.0
-    restart: bool = True
-    token_file: Path | None = None  # the shared bearer token; None: $COLLAGE_TOKEN, if set
-    slowdown: SlowdownSettings = field(default_factory=SlowdownSettings)
-    scnn: tuple[WorkerEndpoint, ...] = ()
-    collage: tuple[WorkerEndpoint, ...] = ()
-    backend: str = "local"
-    ray: RaySettings = field(default_factory=RaySettings)
+    confident_at: float = 0.9  # policy confident: a collage cell this sure answers at once
+    group_timeout: float | None = None  # None: the adaptive group deadline
+    request_timeout: float = 5.0  # end-to-end deadline; past it the client gets 504
+    replicate_timeout: float = 0.1  # the fixed re-issue timeout of mode ``replicate``
+    reissue_to: str = "idle"  # or "least-loaded": where a re-issue for lateness goes
+    max_pending: int = 4096  # requests in flight, or s-CNN calls outstanding, before 429
+    model_name: str = "classifier"  # the model name clients use in the front end's V2 URLs
 
     def __post_init__(self) -> None:
         _choice(self.mode, "mode", tuple(MODES))
-        _choice(self.backend, "backend", BACKENDS)
-        if self.backend == "ray" and (self.scnn or self.collage):
-            raise ConfigError(
-                "backend ray serves the models as Ray Serve deployments; it cannot front listed "
-                "[[scnn]] / [[collage]] V2 servers: remove those tables or use backend local"
-            )
         if isinstance(self.grid, str) and self.grid != AUTO:
             if not self.grid.isdigit():
                 raise _bad("grid", f"is {self.grid!r}", f'give the collage side 2..{MAX_GRID} or "auto"')
@@ -322,16 +361,53 @@ class ServeConfig:
         _number(self.request_timeout, "request_timeout")
         _number(self.replicate_timeout, "replicate_timeout")
         _number(self.max_pending, "max_pending", integer=True)
+        if not isinstance(self.model_name, str) or not self.model_name or "/" in self.model_name:
+            raise _bad("model_name", f"is {self.model_name!r}", "give a non-empty name without '/'")
+
+    @property
+    def redundancy(self) -> Mode:
+        """The mode's row of settings."""
+        return MODES[self.mode]
+
+    @property
+    def fixed_grid(self) -> int | None:
+        """The collage side, or None under ``grid = "auto"`` (the grouper picks S)."""
+        return None if self.grid == AUTO else int(self.grid)
+
+
+@dataclass(frozen=True)
+class ServeConfig(FrontEndSettings):
+    """A whole deployment: front end, mode, and local or remote workers (see the module doc)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    models_dir: Path = DEFAULT_MODELS_DIR
+    threads: int = 1
+    scnn_workers: int | None = None
+    ready_timeout: float = 60.0
+    restart: bool = True
+    token_file: Path | None = None  # the shared bearer token; None: $COLLAGE_TOKEN, if set
+    slowdown: SlowdownSettings = field(default_factory=SlowdownSettings)
+    scnn: tuple[WorkerEndpoint, ...] = ()
+    collage: tuple[WorkerEndpoint, ...] = ()
+    backend: str = "local"
+    ray: RaySettings = field(default_factory=RaySettings)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _choice(self.backend, "backend", BACKENDS)
+        if self.backend == "ray" and (self.scnn or self.collage):
+            raise ConfigError(
+                "backend ray serves the models as Ray Serve deployments; it cannot front listed "
+                "[[scnn]] / [[collage]] V2 servers: remove those tables or use backend local"
+            )
         _number(self.threads, "threads", integer=True)
         _number(self.ready_timeout, "ready_timeout")
         if self.scnn_workers is not None:
             _number(self.scnn_workers, "scnn_workers", integer=True)
-        if isinstance(self.port, bool) or not isinstance(self.port, int) or not 0 <= self.port <= 65535:
-            raise _bad("port", f"is {self.port!r}", "give a port in 0..65535 (0 picks a free one)")
-        for key in ("host", "model_name"):
-            value = getattr(self, key)
-            if not isinstance(value, str) or not value or "/" in value:
-                raise _bad(key, f"is {value!r}", "give a non-empty name without '/'")
+        _port(self.port, "port")
+        if not isinstance(self.host, str) or not self.host or "/" in self.host:
+            raise _bad("host", f"is {self.host!r}", "give a non-empty name without '/'")
         if not isinstance(self.restart, bool):
             raise _bad("restart", f"must be true or false, got {self.restart!r}", "restart = true")
         if not isinstance(self.models_dir, Path):
@@ -341,6 +417,10 @@ class ServeConfig:
             if not self.token_file.is_file():
                 raise _bad("token_file", f"{self.token_file} is not a file", "write the shared token in it")
         self._check_workers()
+
+    def frontend_settings(self) -> FrontEndSettings:
+        """The front-end part alone (what a Ray ingress replica is given)."""
+        return FrontEndSettings(**{f.name: getattr(self, f.name) for f in fields(FrontEndSettings)})
 
     def _check_workers(self) -> None:
         if self.collage and not self.scnn:
@@ -433,12 +513,11 @@ def load_config(path: Path | str | None = None, overrides: Mapping[str, Any] | N
         origin = str(path)
         try:
             with path.open("rb") as f:
-                raw = tomllib.load(f)
+                data = json.load(f) if path.suffix == ".json" else _flat_from_toml(tomllib.load(f), path)
         except FileNotFoundError:
             raise ConfigError(f"config file {path} does not exist; see examples/local.toml") from None
-        except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
-        data = _flat_from_toml(raw, path)
+        except (OSError, ValueError) as exc:  # TOMLDecodeError and JSONDecodeError are ValueErrors
+            raise ConfigError(f"config file {path} is not valid TOML or JSON: {exc}") from exc
     given = {k: v for k, v in (overrides or {}).items() if v is not None}
     if given:
         origin = "flags" if path is None else f"{origin} with flags"
@@ -519,6 +598,56 @@ def _build(data: dict[str, Any], origin: str) -> ServeConfig:
         raise ConfigError(f"{origin}: {exc}") from exc
     except TypeError as exc:  # a wrong type that the checks above did not anticipate
         raise ConfigError(f"{origin}: {exc}") from exc
+
+
+def add_frontend_arguments(parser: argparse.ArgumentParser) -> None:
+    """The front end's flags (``collage frontend`` and ``collage serve``), named as the config
+    keys; each defaults to None, so the config file (or the default written above) holds."""
+    p = parser
+    p.add_argument("--mode", choices=tuple(MODES), help="redundancy strategy (default collage)")
+    p.add_argument("--grid", help="collage side S (k = S*S), or 'auto' (default 3)")
+    p.add_argument(
+        "--policy", choices=[d.value for d in DecoderPolicy], help="decoder policy (default confident)"
+    )
+    p.add_argument(
+        "--confident-at", type=float, help="policy confident: the cell confidence that answers at once"
+    )
+    p.add_argument("--group-timeout", type=float, help="group deadline, seconds (default adaptive)")
+    p.add_argument("--request-timeout", type=float, help="end-to-end deadline, seconds (504 past it)")
+    p.add_argument("--replicate-timeout", type=float, help="re-issue timeout of mode replicate, seconds")
+    p.add_argument(
+        "--reissue-to", choices=REISSUE_TARGETS, help="where re-issues for lateness go (default idle)"
+    )
+    p.add_argument("--max-pending", type=int, help="requests in flight before 429")
+    p.add_argument("--model-name", help="the model name clients use in the front end's V2 URLs")
+    p.add_argument("--host", help="front end address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="front end port; 0 picks a free one (default 8000)")
+    p.add_argument(
+        "--token-file", type=Path, help="file holding the shared bearer token (default: $COLLAGE_TOKEN)"
+    )
+    p.add_argument("--scnn", action="append", metavar="URL#MODEL", help="an s-CNN V2 server (repeat)")
+    p.add_argument("--collage", action="append", metavar="URL#MODEL", help="a collage V2 server (repeat)")
+
+
+FRONTEND_FLAG_KEYS = (
+    "mode", "grid", "policy", "confident_at", "group_timeout", "request_timeout", "replicate_timeout",
+    "reissue_to", "max_pending", "model_name", "host", "port", "token_file", "scnn", "collage",
+)  # fmt: skip
+
+
+def frontend_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The values of :func:`add_frontend_arguments`' flags, as config keys (None: not given)."""
+    return {key: getattr(args, key) for key in FRONTEND_FLAG_KEYS}
+
+
+def dump_config(config: ServeConfig, path: Path) -> Path:
+    """Write ``config`` as JSON in :func:`load_config`'s flat keys: what a launcher hands the
+    front end process, so the child reads the very object the launcher built."""
+    data = _flatten(config)
+    data["scnn"] = [e.arg for e in config.scnn]
+    data["collage"] = [e.arg for e in config.collage]
+    path.write_text(json.dumps(data, default=str))
+    return path
 
 
 def _flatten(config: ServeConfig) -> dict[str, Any]:

@@ -12,13 +12,15 @@
     └── ServingError                serving failed; ``status`` is the HTTP code it maps to
         ├── ProtocolError           400: malformed request (JSON, dtype, shape, image)
         │   ├── PayloadTooLargeError  413: body or image beyond the limits
+        │   │   └── HeadersTooLargeError  431: the request head beyond 64 KiB
         │   └── RequestTimeoutError   408: the client sent its body too slowly
         ├── UnauthorizedError       401: missing or wrong bearer token
         ├── NotFoundError           404: no such path
         │   └── ModelNotFoundError  404: unknown model name
         ├── MethodNotAllowedError   405: the path exists, the method does not
         ├── OverloadedError         429: queues full, retry later
-        ├── WorkerError             502: a worker failed or answered garbage
+        ├── WorkerError             502: a worker call failed
+        │   └── WorkerDownError     502: the worker cannot take calls (marked down until probed back)
         ├── UnavailableError        503: no worker ready
         └── DeadlineExceededError   504: the end-to-end deadline passed
 
@@ -37,6 +39,8 @@ class ConfigError(CollageError):
 
 class ListenError(ConfigError):
     """A server cannot listen on its address (the port is taken, or the host is not ours)."""
+
+    exit_code = 3  # a server process's exit status for this error, so launchers can move it
 
 
 class DataError(CollageError):
@@ -81,6 +85,12 @@ class PayloadTooLargeError(ProtocolError):
     status = 413
 
 
+class HeadersTooLargeError(PayloadTooLargeError):
+    """A request's line and headers together exceed what a server reads of them (HTTP 431)."""
+
+    status = 431
+
+
 class UnauthorizedError(ServingError):
     """The request lacks the shared bearer token, or carries a wrong one (HTTP 401)."""
 
@@ -121,6 +131,11 @@ class WorkerError(ServingError):
     """A worker failed, hung, or answered garbage (HTTP 502 when nothing else can answer)."""
 
     status = 502
+
+
+class WorkerDownError(WorkerError):
+    """A worker cannot take calls (refused, timed out, answered garbage or a 5xx): the pool
+    marks it down until its readiness probe answers again."""
 
 
 class UnavailableError(ServingError):

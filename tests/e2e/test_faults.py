@@ -23,7 +23,7 @@ from collage_inference.bench.faults import (
 )
 from collage_inference.bench.loadgen import LoadConfig, run_load
 from collage_inference.config import ServeConfig, SlowdownSettings
-from collage_inference.serving.cluster import LocalCluster
+from collage_inference.deploy.local import LocalCluster
 from collage_inference.serving.metrics import metric_total
 
 pytestmark = pytest.mark.slow

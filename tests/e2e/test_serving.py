@@ -26,10 +26,11 @@ import pytest
 from PIL import Image
 
 from collage_inference.config import ServeConfig, SlowdownSettings
-from collage_inference.serving.cluster import LocalCluster, running
+from collage_inference.deploy.local import LocalCluster
+from collage_inference.deploy.process import running
+from collage_inference.modes import MODES
 from collage_inference.serving.metrics import metric_total, parse_metrics
-from collage_inference.serving.modes import MODES
-from collage_inference.serving.protocol import (
+from collage_inference.serving.v2 import (
     HEADER_LENGTH,
     InferRequest,
     InferTensor,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -13,12 +14,14 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
 from collage_inference.config import ServeConfig, SlowdownSettings, WorkerEndpoint, load_config
-from collage_inference.errors import ConfigError
-from collage_inference.serving.cluster import LocalCluster, process_tree, running
+from collage_inference.deploy.local import LocalCluster
+from collage_inference.deploy.process import process_tree, running
+from collage_inference.errors import ConfigError, ListenError
 
 READY_S = 60.0
 
@@ -109,8 +112,8 @@ def test_config_file_flags_and_relative_paths(tmp_path: Path) -> None:
     assert config.models_dir == (tmp_path / "m").resolve()
     assert config.scnn_count == 10 and config.k == 9  # replicate: k + 1, k sized for S = 3 under auto
     assert config.slowdown.slows("scnn", 1) and not config.slowdown.slows("scnn", 0)
-    assert config.slowdown.worker_args(1)[:6] == ["--slowdown", "bimodal", "--slowdown-kind", "per-request",
-                                                  "--seed", "1"]  # fmt: skip
+    own = config.slowdown.for_worker("scnn", 1)
+    assert own is not None and (own.spec, own.kind, own.seed) == ("bimodal", "per-request", 1)
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "missing.toml")
     with pytest.raises(ConfigError, match="flags: `grid` \(--grid\)"):
@@ -233,12 +236,48 @@ def test_serve_reports_a_process_that_dies_at_start(models_dir: Path, tmp_path: 
     assert "scnn-0 exited with code" in result.stderr and "last output" in result.stderr
 
 
-def test_slowdown_settings_build_worker_flags() -> None:
+@pytest.mark.slow
+def test_a_worker_whose_port_is_taken_on_restart_moves_to_a_free_port(models_dir: Path, fashion_test) -> None:
+    """A worker restarts on its own port; when that port has been taken it exits with
+    ListenError.exit_code, and that code (not its log) makes the launcher start it on a free
+    port and tell the front end, which then serves through the new address."""
+    folder, grid = shipped(models_dir)
+    config = ServeConfig(mode="none", grid=grid, models_dir=folder, port=0, scnn_workers=1)
+    with LocalCluster(config) as cluster, socket.socket() as squatter:
+        old = cluster.worker_urls[0]
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # past its TIME_WAIT sockets
+        cluster.kill_worker(0)
+        deadline = time.monotonic() + 10
+        while True:  # take its port as soon as the kernel frees it, before the restart does
+            try:
+                squatter.bind(("127.0.0.1", urlsplit(old).port or 0))
+                break
+            except OSError:
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+        squatter.listen()
+        deadline = time.monotonic() + READY_S
+        while not any("front end knows" in e for e in cluster.events):
+            assert time.monotonic() < deadline and not cluster.failed, cluster.events
+            time.sleep(0.1)
+        squatter.close()
+        new = cluster.worker_urls[0]
+        assert new != old and cluster.scnn[0].ready
+        taken = [e for e in cluster.events if "is taken" in e]
+        assert len(taken) == 1 and f"exit code {ListenError.exit_code}" in taken[0], cluster.events
+        deadline = time.monotonic() + 30  # the only s-CNN worker: an answer means the new address
+        while (answer := post(f"{cluster.url}/predict", png_of(fashion_test.images[0])))[0] != 200:
+            assert time.monotonic() < deadline, answer
+            time.sleep(0.2)
+
+
+def test_slowdown_settings_for_each_worker() -> None:
     slow = SlowdownSettings(
         "pareto:alpha=2,scale=0.01", "per-instance", seed=5, workers=(0, 2), contention=0.5
     )
     assert slow.slows("scnn", 2) and not slow.slows("scnn", 1) and not slow.slows("collage", 0)
-    args = slow.worker_args(2)
-    assert args[args.index("--seed") + 1] == "7" and args[-2:] == ["--contention", "0.5"]
+    own = slow.for_worker("scnn", 2)
+    assert own is not None and (own.seed, own.kind, own.contention) == (7, "per-instance", 0.5)
+    assert slow.for_worker("scnn", 1) is None and slow.for_worker("collage", 0) is None
     assert not SlowdownSettings().slows("scnn", 0)
     assert WorkerEndpoint("http://h:1/", "scnn").arg == "http://h:1#scnn"

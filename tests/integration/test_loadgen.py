@@ -23,7 +23,7 @@ from PIL import Image
 
 from collage_inference.bench.loadgen import LoadConfig, LoadResult, main, run_load, run_load_sync
 from collage_inference.onnxfile import read_onnx_meta
-from collage_inference.serving.protocol import (
+from collage_inference.serving.v2 import (
     HEADER_LENGTH,
     InferResponse,
     InferTensor,

@@ -15,9 +15,9 @@ import pytest
 from test_worker import call  # the integration tests' HTTP helper
 
 from collage_inference.config import ServeConfig
+from collage_inference.deploy.local import LocalCluster
 from collage_inference.onnxfile import read_onnx_meta
-from collage_inference.serving.cluster import LocalCluster
-from collage_inference.serving.protocol import InferRequest, InferTensor, render_infer_request
+from collage_inference.serving.v2 import InferRequest, InferTensor, render_infer_request
 
 pytestmark = pytest.mark.slow
 
@@ -73,9 +73,11 @@ def test_a_protected_cluster_passes_the_token_by_file_only(models_dir: Path, tmp
     token_file.write_text(TOKEN)
     config = ServeConfig(mode="none", grid=2, models_dir=models_dir, port=0, token_file=token_file)
     with LocalCluster(config) as cluster:
-        for proc in cluster.processes():  # every process has the path, none has the token
+        for proc in cluster.processes():  # every settings file has the path, none has the token
             cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes()
-            assert str(token_file).encode() in cmdline and TOKEN.encode() not in cmdline
+            args = cmdline.split(b"\0")
+            settings = Path(args[args.index(b"--config") + 1].decode()).read_text()
+            assert str(token_file) in settings and TOKEN not in settings and TOKEN.encode() not in cmdline
             assert TOKEN not in proc.log_tail(200)
         url = cluster.url
         assert call("GET", f"{url}/v2/health/ready")[0] == 200

@@ -18,7 +18,7 @@ import pytest
 
 from collage_inference.grid import fit_images, pack
 from collage_inference.onnxfile import read_onnx_meta
-from collage_inference.serving.protocol import (
+from collage_inference.serving.v2 import (
     HEADER_LENGTH,
     InferRequest,
     InferResponse,

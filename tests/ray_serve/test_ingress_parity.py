@@ -1,9 +1,10 @@
-"""The Ray Serve ingress answers every endpoint exactly as the aiohttp front end does.
+"""The front end's one route table is served identically by every entry point.
 
-No Ray processes here: the same FrontEnd code over fake workers is put behind serving/api.py's
-aiohttp app and behind :class:`Ingress` (fed Starlette requests built from an ASGI scope, as
-Ray Serve's proxy builds them), and the same requests (good, bad, unknown, too large) must get
-the same status, the same JSON and the same 4xx counting in /metrics.
+No Ray processes here: the same FrontEnd code over in-memory workers is served by the
+project's HTTP server (real sockets on loopback) and by the Ray Serve :class:`Ingress` (fed
+Starlette requests built from an ASGI scope, as Ray Serve's proxy builds them), and the same
+requests (good, bad, unknown, too large) must get the same status, the same JSON and the same
+4xx counting in /metrics.
 """
 
 from __future__ import annotations
@@ -20,15 +21,17 @@ from PIL import Image
 
 pytest.importorskip("starlette")
 
-from aiohttp.test_utils import TestClient, TestServer  # noqa: E402
+import aiohttp  # noqa: E402
 from starlette.requests import Request  # noqa: E402
 
-from collage_inference.serving.api import build_app  # noqa: E402
-from collage_inference.serving.dispatch import Inference, WorkerPool  # noqa: E402
-from collage_inference.serving.frontend import FrontEnd, FrontEndConfig  # noqa: E402
-from collage_inference.serving.modes import get_mode  # noqa: E402
-from collage_inference.serving.protocol import Limits  # noqa: E402
+from collage_inference.config import FrontEndSettings, Limits  # noqa: E402
+from collage_inference.serving.api import FrontEndApi  # noqa: E402
+from collage_inference.serving.frontend import FrontEnd  # noqa: E402
+from collage_inference.serving.pool import Worker, WorkerPool  # noqa: E402
+from collage_inference.serving.ray import ingress as ingress_module  # noqa: E402
 from collage_inference.serving.ray.ingress import Ingress  # noqa: E402
+from collage_inference.serving.transports.fake import FakeTransport  # noqa: E402
+from collage_inference.serving.web.server import start_server  # noqa: E402
 
 pytestmark = pytest.mark.ray
 
@@ -36,24 +39,15 @@ CLASSES = tuple(f"c{i}" for i in range(10))
 LIMITS = Limits(max_body_bytes=4000)
 
 
-class FakeWorker:
-    """Answers at once: the label is the image's first pixel value minus one."""
-
-    def __init__(self, worker_id: str) -> None:
-        self.id, self.url, self.up = worker_id, f"fake://{worker_id}", True
-        self.outstanding, self.latency = 0, 0.0
-
-    async def infer(self, images: np.ndarray, request_id: str, timeout: float) -> Inference:
-        self.outstanding -= 1
-        return Inference(np.eye(len(CLASSES), dtype=np.float32)[[int(images[0, 0, 0, 0]) - 1]])
-
-    async def ready(self, timeout: float = 1.0) -> bool:
-        return True
+def first_pixel(images: np.ndarray) -> np.ndarray:
+    """The label is the image's first pixel value minus one."""
+    return np.eye(len(CLASSES), dtype=np.float32)[[int(images[0, 0, 0, 0]) - 1]]
 
 
 def make_frontend() -> FrontEnd:
-    config = FrontEndConfig(get_mode("none"), grid=None, request_timeout=2.0)
-    return FrontEnd(config, WorkerPool([FakeWorker("s0"), FakeWorker("s1")]), {}, CLASSES, {}, 1)
+    workers = [Worker(f"s{i}", FakeTransport(f"s{i}", first_pixel, delay=0.0)) for i in range(2)]
+    settings = FrontEndSettings("none", grid="auto", request_timeout=2.0)
+    return FrontEnd(settings, WorkerPool(workers), {}, CLASSES, {}, 1)
 
 
 def png(value: int) -> bytes:
@@ -134,33 +128,45 @@ def starlette_request(method: str, path: str, body: bytes, headers: dict[str, st
 
 
 async def both_ways(token: str | None = None) -> tuple[list, list, str, str]:
-    aio_frontend, ray_frontend = make_frontend(), make_frontend()
+    http_frontend, ray_frontend = make_frontend(), make_frontend()
+    listening = await start_server(FrontEndApi(http_frontend, LIMITS).router(token), "127.0.0.1", 0, LIMITS)
     ingress = Ingress.__new__(Ingress)  # as Serve would build it, minus the deployment handles
-    ingress.frontend, ingress.model_name, ingress.limits = ray_frontend, "classifier", LIMITS
-    ingress.token = token
+    ingress.frontend = ray_frontend
+    ingress.router = FrontEndApi(ray_frontend, LIMITS).router(token)
+    await http_frontend.start()
     await ray_frontend.start()
-    aio, ray = [], []
-    async with TestClient(TestServer(build_app(aio_frontend, limits=LIMITS, token=token))) as client:
-        for method, path, body, headers in CASES:
-            resp = await client.request(method, path, data=body or None, headers=headers)
-            aio.append(comparable(resp.status, await resp.read()))
-            answer = await ingress(starlette_request(method, path, body, headers))
-            ray.append(comparable(answer.status_code, bytes(answer.body)))
-        auth = {"Authorization": f"Bearer {token}"} if token else {}
-        aio_metrics = await (await client.get("/metrics", headers=auth)).text()
-    ray_metrics = bytes((await ingress(starlette_request("GET", "/metrics", b"", auth))).body).decode()
-    await ingress.__del__()  # what Serve awaits on a graceful stop
-    return aio, ray, aio_metrics, ray_metrics
+    served, ray = [], []
+    auth = {"Authorization": f"Bearer {token}"} if token else {}
+    try:
+        async with aiohttp.ClientSession(listening.url) as client:
+            for method, path, body, headers in CASES:
+                async with client.request(method, path, data=body or None, headers=headers) as resp:
+                    served.append(comparable(resp.status, await resp.read()))
+                answer = await ingress(starlette_request(method, path, body, headers))
+                ray.append(comparable(answer.status_code, bytes(answer.body)))
+            async with client.get("/metrics", headers=auth) as resp:
+                served_metrics = await resp.text()
+        ray_metrics = bytes((await ingress(starlette_request("GET", "/metrics", b"", auth))).body).decode()
+    finally:
+        await listening.close()
+        await http_frontend.stop()
+        await ingress.__del__()  # what Serve awaits on a graceful stop
+    return served, ray, served_metrics, ray_metrics
+
+
+@pytest.fixture(autouse=True)
+def small_limits(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ingress_module, "LIMITS", LIMITS)
 
 
 def counter(text: str, name: str) -> float:
     return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + "{"))
 
 
-def test_every_endpoint_answers_as_the_aiohttp_front_end() -> None:
+def test_every_endpoint_answers_alike_through_the_server_and_the_ingress() -> None:
     aio, ray, aio_metrics, ray_metrics = asyncio.run(both_ways())
     for case, a, r in zip(CASES, aio, ray, strict=True):
-        assert r == a, f"{case[0]} {case[1]}: ray {r} != aiohttp {a}"
+        assert r == a, f"{case[0]} {case[1]}: ingress {r} != server {a}"
     statuses = " ".join(str(status) for status, _ in ray)
     assert statuses == "200 200 200 200 200 404 200 200 404 400 413 405 200 200 400 400 405 404"
     assert ray[6][1]["outputs"][0]["data"] == [2]  # the fake's label: first pixel - 1
@@ -174,8 +180,10 @@ def test_every_endpoint_answers_as_the_aiohttp_front_end() -> None:
 def test_the_shared_token_guards_both_alike() -> None:
     aio, ray, _, ray_metrics = asyncio.run(both_ways(token="t0ken"))
     for case, a, r in zip(CASES, aio, ray, strict=True):
-        assert r == a, f"{case[0]} {case[1]}: ray {r} != aiohttp {a}"
+        assert r == a, f"{case[0]} {case[1]}: ingress {r} != server {a}"
     open_paths = {"/v2/health/live", "/v2/health/ready"}
-    for (method, path, _, _), (status, _) in zip(CASES, ray, strict=True):
-        assert status == (200 if path in open_paths else 401), (method, path)
+    for (method, path, body, _), (status, _) in zip(CASES, ray, strict=True):
+        # a body over the limit is refused as it arrives, before the request is routed
+        expected = 200 if path in open_paths else 413 if len(body) > LIMITS.max_body_bytes else 401
+        assert status == expected, (method, path)
     assert "nv_inference_request_success" in ray_metrics  # with the token, /metrics answers

@@ -39,15 +39,15 @@ from collage_inference.serving.metrics import metric_total, parse_metrics
 pytest.importorskip("ray")
 
 from collage_inference.config import RaySettings, ServeConfig, SlowdownSettings  # noqa: E402
-from collage_inference.serving.cluster import process_tree, running  # noqa: E402
-from collage_inference.serving.protocol import (  # noqa: E402
+from collage_inference.deploy.process import process_tree, running  # noqa: E402
+from collage_inference.deploy.ray import RayCluster  # noqa: E402
+from collage_inference.serving.v2 import (  # noqa: E402
     HEADER_LENGTH,
     InferRequest,
     InferTensor,
     parse_infer_response,
     render_infer_request,
 )
-from collage_inference.serving.ray.launcher import RayCluster  # noqa: E402
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

@@ -20,13 +20,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import signal
 import sys
 
 import aiohttp
 from aiohttp import web
 
-from collage_inference.serving.http import run
-from collage_inference.serving.server import serve_app
+from collage_inference.serving.web.routes import run
+from collage_inference.serving.web.server import READY_PREFIX
 
 MODES = ("pass", "hang", "garbage", "down")
 CONTROL_PATH = "/_chaos"
@@ -104,8 +105,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=0, help="0 picks a free port (printed when ready)")
     args = p.parse_args(argv)
-    run(serve_app(build_app(args.target), args.host, args.port, shutdown_timeout=1.0))
+    run(_serve(build_app(args.target), args.host, args.port))
     return 0
+
+
+async def _serve(app: web.Application, host: str, port: int) -> None:
+    """Serve until SIGTERM/SIGINT, printing the ready line launchers wait for. The proxy is an
+    outside server standing in for a broken one, so it runs on aiohttp, not on our server."""
+    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=1.0)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    bound = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    print(f"{READY_PREFIX}http://{host}:{bound}", flush=True)
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()
 
 
 if __name__ == "__main__":

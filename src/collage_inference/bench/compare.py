@@ -41,7 +41,7 @@ from collage_inference.bench.scenarios import (
 from collage_inference.bench.targets import with_ratios
 from collage_inference.config import DEFAULT_MODELS_DIR, REPO_ROOT, load_config
 from collage_inference.errors import CollageError, ConfigError
-from collage_inference.serving.modes import MODES, REISSUE_TARGETS
+from collage_inference.modes import MODES, REISSUE_TARGETS
 
 START_COST_S = 9.0  # cluster start, drain and stop (measured on 2 cores), for the time estimate only
 DEFAULT_MODES = ("none", "equal", "replicate", "hedge", "replicate-all", "collage", "collage-2")

@@ -46,8 +46,9 @@ import numpy as np
 from collage_inference.bench.loadgen import LoadConfig, RequestRecord, environment, run_load
 from collage_inference.config import DEFAULT_MODELS_DIR, REPO_ROOT, ServeConfig, SlowdownSettings
 from collage_inference.data import load_dataset
+from collage_inference.deploy.local import LocalCluster
+from collage_inference.deploy.process import ManagedProcess, wait_all_ready
 from collage_inference.errors import CollageError
-from collage_inference.serving.cluster import LocalCluster, ManagedProcess, wait_all_ready
 from collage_inference.serving.metrics import metric_total, parse_metrics
 
 CLEAR_STATUSES = ("429", "502", "503", "504")
@@ -179,6 +180,17 @@ def rss_mb(pid: int) -> float:
     return math.nan
 
 
+class ChaosProcess(ManagedProcess):
+    """A chaos proxy process in front of ``target``: a tool driven by flags, not a settings file."""
+
+    def __init__(self, name: str, target: str) -> None:
+        super().__init__(name, "collage_inference.bench.chaos", write_settings=None)
+        self.target = target
+
+    def arguments(self) -> list[str]:
+        return ["--target", self.target, "--port", str(self.port)]
+
+
 class Proxies:
     """Chaos proxies in front of the workers, started as the cluster asks for addresses."""
 
@@ -186,7 +198,7 @@ class Proxies:
         self.procs: dict[str, ManagedProcess] = {}
 
     def interpose(self, name: str, url: str) -> str:
-        proc = ManagedProcess(f"chaos-{name}", "collage_inference.bench.chaos", ["--target", url])
+        proc = ChaosProcess(f"chaos-{name}", url)
         proc.start()
         self.procs[name] = proc
         wait_all_ready([proc], 30.0, lambda: False)

@@ -41,9 +41,9 @@ from collage_inference.bench.machine import BUSY_SHARE, cpu_account, cpu_busy, o
 from collage_inference.bench.scenarios import LoadPoint, Scenario
 from collage_inference.config import load_config
 from collage_inference.data import load_dataset
-from collage_inference.serving.cluster import open_cluster
+from collage_inference.deploy.local import open_cluster
+from collage_inference.modes import MODES
 from collage_inference.serving.metrics import parse_metrics
-from collage_inference.serving.modes import MODES
 
 if TYPE_CHECKING:
     from collage_inference.bench.compare import BenchConfig

@@ -61,15 +61,15 @@ from multidict import CIMultiDict
 from collage_inference.bench.stats import Histogram, LatencySummary
 from collage_inference.data import DATASET_KINDS, load_dataset
 from collage_inference.errors import CollageError, ConfigError, ProtocolError
-from collage_inference.serving.http import load_token, run
-from collage_inference.serving.protocol import (
+from collage_inference.serving.v2 import (
     HEADER_LENGTH,
     InferRequest,
     InferTensor,
     parse_infer_response,
     render_infer_request,
 )
-from collage_inference.serving.wire import HttpClient
+from collage_inference.serving.web.client import HttpClient
+from collage_inference.serving.web.routes import load_token, run
 
 ARRIVALS = ("poisson", "constant", "burst")
 TARGETS = ("v2", "predict")
@@ -342,7 +342,7 @@ class _Run:
         self.sent_at[i] = sent = time.perf_counter()
         fields: dict[str, Any] = {"sent_s": sent - self.start}
         try:
-            reply = await client.post(self.path, body, headers, self.config.timeout_s)
+            reply = await client.request("POST", self.path, body, headers, self.config.timeout_s)
             payload, status, reply_headers = reply.body, reply.status, CIMultiDict(reply.headers)
             self.done_at[i] = done = time.perf_counter()
             fields["latency_s"] = done - due

@@ -33,15 +33,14 @@ from typing import Any
 import numpy as np
 
 from collage_inference.bench.loadgen import LoadConfig, LoadResult, environment, run_load_sync
-from collage_inference.config import RaySettings, ServeConfig
+from collage_inference.config import Limits, RaySettings, ServeConfig
 from collage_inference.data import load_dataset
+from collage_inference.deploy.local import LocalCluster
 from collage_inference.errors import CollageError
-from collage_inference.serving.cluster import LocalCluster
-from collage_inference.serving.dispatch import HEADER_LENGTH
-from collage_inference.serving.protocol import (
+from collage_inference.serving.v2 import (
+    HEADER_LENGTH,
     InferResponse,
     InferTensor,
-    Limits,
     parse_infer_request,
     render_infer_response,
 )
@@ -112,7 +111,7 @@ def measure(
     """The three targets (see the module docstring); medians over ``repeats`` runs each."""
     from ray import serve
 
-    from collage_inference.serving.ray.launcher import RayCluster
+    from collage_inference.deploy.ray import RayCluster
 
     config = serve_config(os.cpu_count() or 2)
     local: list[LoadResult] = []

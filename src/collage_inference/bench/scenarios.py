@@ -1,6 +1,6 @@
 """What a `collage bench` run measures: a straggler scenario and the load points of the sweep.
 
-A scenario is one straggler model (a slowdown spec and kind, see serving/slowdown.py). A load
+A scenario is one straggler model (a slowdown spec and kind, see collage_inference/slowdown.py). A load
 point is an arrival pattern and a utilisation of the k s-CNN workers; the offered rate it means
 is ``load * k / E[service]``, with E[service] the mean of the scenario's own delay samples
 (a worker is busy for its whole sampled latency, so that is its service time).
@@ -21,7 +21,7 @@ import numpy as np
 
 from collage_inference.config import REPO_ROOT
 from collage_inference.errors import ConfigError
-from collage_inference.serving.slowdown import parse_sampler
+from collage_inference.slowdown import parse_sampler
 
 TRACE_PATH = REPO_ROOT.parent / "shared" / "traces" / "cloud-latency-trace.npy"
 PATTERNS = ("burst", "poisson", "constant")  # the loadgen's arrival processes
@@ -31,7 +31,7 @@ OVERHEAD_SHARE_LIMIT = 0.05  # the serving path's share of the median primary la
 
 @dataclass(frozen=True)
 class Scenario:
-    """One straggler model: a slowdown spec and kind (see serving/slowdown.py)."""
+    """One straggler model: a slowdown spec and kind (see collage_inference/slowdown.py)."""
 
     name: str
     spec: str

@@ -27,7 +27,7 @@ import numpy as np
 from collage_inference.bench.loadgen import LoadConfig, LoadResult, environment, run_load_sync
 from collage_inference.config import load_config
 from collage_inference.data import load_dataset
-from collage_inference.serving.cluster import LocalCluster
+from collage_inference.deploy.local import LocalCluster
 
 
 @dataclass(frozen=True)

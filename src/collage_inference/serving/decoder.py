@@ -27,25 +27,31 @@ Rules, per request:
 * At its end-to-end deadline an unanswered request fails with 504 (a usable collage cell in
   hand is answered instead: late but right beats an error).
 * Exactly once: a request leaves the state machine with its Answer or Fail. Replies that
-  arrive later are dropped and counted in :attr:`Decoder.stats`; their latency still feeds
-  the window, otherwise stragglers would vanish from the statistics that detect them.
+  arrive later are dropped and reported to the metrics (``late_reply``); their latency still
+  feeds the window, otherwise stragglers would vanish from the statistics that detect them.
+
+The decoder reports what only it sees (late, unknown and bad replies, empty cells) to a
+:class:`~collage_inference.serving.metrics.Metrics`; answers, failures and re-issues are counted
+there by the front end, which carries them out.
 """
 
 from __future__ import annotations
 
 import heapq
 import math
-from collections import Counter, OrderedDict
-from dataclasses import dataclass, field
+from collections import OrderedDict
+from dataclasses import dataclass, field, replace
 from enum import Enum, auto
 from itertools import count
 
+from collage_inference.config import FrontEndSettings
 from collage_inference.errors import ConfigError, ProtocolError
+from collage_inference.modes import DecoderPolicy
 from collage_inference.serving.latency import AdaptiveTimeout, LatencyWindow
+from collage_inference.serving.metrics import Metrics
 from collage_inference.serving.types import (
     Action,
     Answer,
-    DecoderPolicy,
     Fail,
     Group,
     Prediction,
@@ -93,18 +99,24 @@ class DecoderConfig:
         if not 0 <= self.confident_at <= 1:
             raise ConfigError(f"confident_at is a probability in [0, 1], got {self.confident_at}")
 
+    @classmethod
+    def for_mode(cls, settings: FrontEndSettings, class_names: tuple[str, ...]) -> DecoderConfig:
+        """The decoder settings that make the shared decoder behave as ``settings.mode``."""
+        mode = settings.redundancy
+        base = cls(class_names, policy=DecoderPolicy(settings.policy), confident_at=settings.confident_at)
+        if mode.reissue == "fixed":
+            return replace(base, primary_timeout=_fixed(settings.replicate_timeout))
+        if mode.reissue == "p95":
+            p95 = AdaptiveTimeout(quantile=0.95, floor=0.001, ceiling=settings.request_timeout, initial=0.1)
+            return replace(base, primary_timeout=p95)
+        if mode.collage:
+            return base  # re-issue only when primary and collage are both late
+        # no redundancy: a failed worker's request is still retried once, but lateness alone is not
+        return replace(base, primary_timeout=_fixed(settings.request_timeout))
 
-@dataclass
-class DecoderStats:
-    """Running counters for reports and metrics; read them, never reset them mid-run."""
 
-    answered: Counter[Source] = field(default_factory=Counter)
-    late: Counter[Source] = field(default_factory=Counter)  # dropped: request already finished
-    unknown: int = 0  # replies for requests never admitted or long forgotten
-    empty_cells: int = 0  # collage cells of real requests that came back ``empty``
-    bad_replies: int = 0  # replies with a missing or out-of-range label
-    reissues: int = 0
-    failed: Counter[int] = field(default_factory=Counter)  # by HTTP status
+def _fixed(seconds: float) -> AdaptiveTimeout:
+    return AdaptiveTimeout(floor=seconds, ceiling=seconds, initial=seconds)
 
 
 class _Backup(Enum):
@@ -139,6 +151,7 @@ class Decoder:
         config: DecoderConfig,
         primary_latencies: LatencyWindow | None = None,
         collage_latencies: LatencyWindow | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.config = config
         self.num_classes = len(config.class_names)
@@ -149,7 +162,7 @@ class Decoder:
         self.collage_latencies = (
             LatencyWindow(config.window) if collage_latencies is None else collage_latencies
         )
-        self.stats = DecoderStats()
+        self.metrics = Metrics() if metrics is None else metrics
         self._pending: dict[str, _State] = {}
         self._recent: OrderedDict[str, tuple[float, float]] = OrderedDict()  # id -> (admitted, last sent)
         self._heap: list[tuple[float, int, str]] = []
@@ -188,16 +201,16 @@ class Decoder:
         if st is None:
             sent = self._recent.get(request_id)
             if sent is None:
-                self.stats.unknown += 1
+                self.metrics.unknown_replies += 1
             else:
-                self.stats.late[reply.source] += 1
+                self.metrics.late_replies[reply.source] += 1
                 self._observe_single(reply.source, now, *sent)
             return []
         self._observe_single(reply.source, now, st.admitted, st.single_sent)
         st.single_outstanding = max(st.single_outstanding - 1, 0)
         prediction = reply.predictions[0] if len(reply.predictions) == 1 else None
         if prediction is None or not 0 <= prediction.label < self.num_classes:
-            self.stats.bad_replies += 1
+            self.metrics.bad_replies += 1
             return self._settle(st, now)
         source = Source.PRIMARY if reply.source == Source.PRIMARY else Source.REPLICA
         return self._finish(st, self._answer(st, prediction, reply, source, now))
@@ -207,24 +220,24 @@ class Decoder:
         self.collage_latencies.add(now - group.closed_at)
         garbage = len(reply.predictions) != group.k
         if garbage:
-            self.stats.bad_replies += 1
+            self.metrics.bad_replies += 1
         actions: list[Action] = []
         for cell, request in enumerate(group.requests):
             st = self._pending.get(request.id)
             if st is None:
                 if request.id in self._recent:
-                    self.stats.late[Source.COLLAGE] += 1
+                    self.metrics.late_replies[Source.COLLAGE] += 1
                 else:
-                    self.stats.unknown += 1
+                    self.metrics.unknown_replies += 1
                 continue
             prediction = None if garbage else reply.predictions[cell]
             if prediction is not None and 0 <= prediction.label < self.num_classes:
                 st.backup, st.held = _Backup.HELD, (prediction, reply, now)
             else:
                 if prediction is not None and prediction.label == self.num_classes:
-                    self.stats.empty_cells += 1
+                    self.metrics.empty_cells += 1
                 elif prediction is not None:
-                    self.stats.bad_replies += 1
+                    self.metrics.bad_replies += 1
                 st.backup = _Backup.LOST
             actions += self._settle(st, now)
         return actions
@@ -249,9 +262,7 @@ class Decoder:
     def reissue_skipped(self, request_id: str, now: float) -> list[Action]:
         """An optional :class:`Reissue` was not sent (no idle worker): the request keeps waiting
         for the call still running, and the re-issue stays used. Its state moves as for a call
-        that ended without an answer; only the count of re-issues sent is taken back."""
-        if request_id in self._pending:
-            self.stats.reissues -= 1
+        that ended without an answer."""
         return self.worker_failed(request_id, now)
 
     def tick(self, now: float) -> list[Action]:
@@ -311,7 +322,6 @@ class Decoder:
             st.reissues += 1
             st.single_outstanding += 1
             st.single_sent, st.single_due = now, now + self.primary_patience()
-            self.stats.reissues += 1
             actions.append(Reissue(st.request.id, st.primary_worker, st.reissues, optional))
             reissue_at = self._reissue_at(st)
         waiting = st.single_outstanding > 0 or st.backup in (_Backup.EXPECTED, _Backup.PENDING, _Backup.HELD)
@@ -366,10 +376,6 @@ class Decoder:
             self._recent[st.request.id] = (st.admitted, st.single_sent)
             while len(self._recent) > self.config.recent:
                 self._recent.popitem(last=False)
-        if isinstance(action, Answer):
-            self.stats.answered[action.source] += 1
-        else:
-            self.stats.failed[action.status] += 1
         return [action]
 
     def _observe_single(self, source: Source, now: float, admitted: float, last_sent: float) -> None:

@@ -3,7 +3,7 @@
     submit(image)   (classify awaits it)
       1. admit      Request with an end-to-end deadline; refuse with 429 past max_pending
                     requests in flight or s-CNN calls outstanding
-      2. dispatch   primary s-CNN call(s) to the least-loaded worker(s)
+      2. send       primary s-CNN call(s) to the least-loaded worker(s)
       3. group      the grouper adds the request; a closed group is encoded into a collage
       4. backup     the collage goes to a collage worker
       5. decode     every reply, failure and timer tick goes through the decoder, whose
@@ -13,7 +13,7 @@
 Steps 1 to 4 run before :meth:`submit` returns, and an HTTP worker writes its call before
 ``infer`` returns, so a request reaches its workers without waiting for a task to be scheduled.
 Grouper, encoder and decoder are pure; this module owns the event loop, the timer and the
-sockets (through :mod:`~collage_inference.serving.dispatch`). One timer handle is kept at the
+sockets (through the :mod:`~collage_inference.serving.pool` of each model). One timer handle is kept at the
 earliest of the grouper's and decoder's deadlines, so no task polls.
 """
 
@@ -21,82 +21,34 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import itertools
 import logging
-from collections.abc import Awaitable
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from collage_inference.config import FrontEndSettings
 from collage_inference.errors import ConfigError, ModelNotFoundError, OverloadedError, WorkerError
 from collage_inference.serving.clock import MonotonicClock
-from collage_inference.serving.decoder import Decoder
-from collage_inference.serving.dispatch import Inference, Worker, WorkerPool
+from collage_inference.serving.decoder import Decoder, DecoderConfig
 from collage_inference.serving.encoder import CollageEncoder
 from collage_inference.serving.grouper import Grouper, GroupingPolicy
 from collage_inference.serving.latency import LatencyWindow
 from collage_inference.serving.metrics import Metrics
-from collage_inference.serving.modes import REISSUE_TARGETS, Mode, decoder_config
-from collage_inference.serving.types import (
-    Action,
-    Answer,
-    DecoderPolicy,
-    Fail,
-    Group,
-    Reissue,
-    Reply,
-    Request,
-    Source,
-)
+from collage_inference.serving.pool import Call, Worker, WorkerPool
+from collage_inference.serving.transports.base import Transport
+from collage_inference.serving.types import Action, Answer, Fail, Group, Reissue, Reply, Request, Source
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class FrontEndConfig:
-    """Serving knobs. ``grid`` None lets the grouper pick S from the arrival rate among the
-    grids served; ``group_timeout`` None adapts the group deadline to load."""
-
-    mode: Mode
-    grid: int | None = 3
-    group_timeout: float | None = None
-    policy: DecoderPolicy = DecoderPolicy.CONFIDENT
-    confident_at: float = 0.9  # policy confident: a cell this sure answers at once
-    request_timeout: float = 5.0  # end-to-end deadline; past it the client gets 504
-    replicate_timeout: float = 0.1  # the fixed re-issue timeout of mode ``replicate``
-    max_pending: int = 4096  # requests in flight, or s-CNN calls outstanding, before new ones get 429
-    probe_interval: float = 0.5  # seconds between readiness probes of down workers
-    reissue_to: str = "idle"  # or "least-loaded"; "idle": a re-issue for lateness skips busy workers
-
-    def __post_init__(self) -> None:
-        if self.reissue_to not in REISSUE_TARGETS:
-            raise ConfigError(
-                f"reissue_to is {self.reissue_to!r}; choose one of {', '.join(REISSUE_TARGETS)}"
-            )
+PROBE_INTERVAL_S = 0.5  # between readiness probes of down workers
 
 
 @dataclass
 class _Flight:
     request: Request
     future: asyncio.Future[Answer]
-    # s-CNN calls on transports that can cancel (``worker.cancellable``): cancelled once the
-    # request is answered, so a straggler's queue drops work nobody waits for. HTTP calls are
-    # left to finish: closing a keep-alive connection costs more than the reply.
-    cancellable: list[tuple[asyncio.Task, Worker, Awaitable[Inference]]] = field(default_factory=list)
-
-
-def _start(worker: Worker, images: np.ndarray, call_id: str, timeout: float) -> Awaitable[Inference]:
-    """Start a worker call now (an HTTP worker writes it before returning); a call that fails
-    to start becomes an awaitable that raises, so every failure is settled in one place."""
-    try:
-        return worker.infer(images, call_id, timeout)
-    except Exception as exc:
-        return _raise(exc)
-
-
-async def _raise(exc: Exception) -> Inference:
-    raise exc
+    calls: list[Call] = field(default_factory=list)  # its s-CNN calls, dropped once it is answered
 
 
 class FrontEnd:
@@ -104,18 +56,19 @@ class FrontEnd:
 
     def __init__(
         self,
-        config: FrontEndConfig,
+        settings: FrontEndSettings,
         scnn: WorkerPool,
         collage: dict[int, WorkerPool],
         class_names: tuple[str, ...],
         tiles: dict[int, int],
         channels: int,
     ) -> None:
-        if config.mode.collage and not collage:
-            raise ConfigError("mode 'collage' needs at least one collage worker")
-        if config.mode.collage and config.grid is not None and config.grid not in collage:
-            raise ConfigError(f"no collage worker serves grid {config.grid}; have {sorted(collage)}")
-        self.config, self.mode = config, config.mode
+        mode, grid = settings.redundancy, settings.fixed_grid
+        if mode.collage and not collage:
+            raise ConfigError(f"mode {mode.name!r} needs at least one collage worker")
+        if mode.collage and grid is not None and grid not in collage:
+            raise ConfigError(f"no collage worker serves grid {grid}; have {sorted(collage)}")
+        self.settings, self.mode = settings, mode
         self.scnn, self.collage = scnn, collage
         self.class_names = class_names
         self.clock = MonotonicClock()
@@ -124,24 +77,16 @@ class FrontEnd:
         self.collage_service = LatencyWindow(256)  # a collage call's busy time at its worker
         grids = tuple(sorted(collage)) or (1,)
         self.grouper = Grouper(
-            GroupingPolicy(grids=grids, grid=config.grid, timeout=config.group_timeout),
+            GroupingPolicy(grids=grids, grid=grid, timeout=settings.group_timeout),
             self.primary_latencies,
             self.collage_service,
             collage_workers=max((len(pool.workers) for pool in collage.values()), default=1),
         )
         self.encoder = CollageEncoder(tiles, channels) if tiles else None
+        self.metrics = Metrics(settings.model_name)
         self.decoder = Decoder(
-            decoder_config(
-                config.mode,
-                class_names,
-                config.policy,
-                config.replicate_timeout,
-                config.request_timeout,
-                config.confident_at,
-            ),
-            self.primary_latencies,
+            DecoderConfig.for_mode(settings, class_names), self.primary_latencies, metrics=self.metrics
         )
-        self.metrics = Metrics()
         self._flights: dict[str, _Flight] = {}
         self._ids = itertools.count()
         self._timer: asyncio.TimerHandle | None = None
@@ -156,7 +101,7 @@ class FrontEnd:
     async def start(self) -> None:
         self._running_loop = asyncio.get_running_loop()  # a restart may run on a new loop
         for pool in (self.scnn, *self.collage.values()):
-            self._probes.append(asyncio.create_task(pool.run_probes(self.config.probe_interval)))
+            self._probes.append(asyncio.create_task(pool.run_probes(PROBE_INTERVAL_S)))
 
     async def drain(self, timeout: float) -> None:
         """Close the open group and wait (up to ``timeout``) for requests in flight."""
@@ -189,7 +134,7 @@ class FrontEnd:
     @property
     def scnn_outstanding(self) -> int:
         """s-CNN calls sent and not finished, answered requests' calls included: the queue depth."""
-        return sum(w.outstanding for w in self.scnn.workers)
+        return self.scnn.outstanding
 
     # -- the request path ---------------------------------------------------------------------
 
@@ -204,50 +149,55 @@ class FrontEnd:
         # Calls outstanding count too: a request answered by its collage cell leaves its primary
         # call queued at a worker, and under overload that left-behind work would grow unbounded.
         load = max(len(self._flights), self.scnn_outstanding)
-        if load >= self.config.max_pending:
+        if load >= self.settings.max_pending:
             self.metrics.shed += 1
             raise OverloadedError(
-                f"{load} requests in flight or calls outstanding (limit {self.config.max_pending}); "
+                f"{load} requests in flight or calls outstanding (limit {self.settings.max_pending}); "
                 "retry later"
             )
         now = self.clock.now()
-        request = Request(f"r{next(self._ids)}", image, now, now + self.config.request_timeout)  # 1. admit
+        request = Request(f"r{next(self._ids)}", image, now, now + self.settings.request_timeout)  # 1. admit
         flight = _Flight(request, self._loop().create_future())
         self._flights[request.id] = flight
-        primary = self.scnn.pick()  # 2. dispatch
+        primary = self._send_single(flight, Source.PRIMARY)  # 2. send
+        assert primary is not None  # a call that must go always goes
         # The call first: the bookkeeping below then runs while the worker computes. Whatever
         # the call does comes back through the event loop, after the decoder has the request.
-        self._send_single(flight, primary, Source.PRIMARY)
         self._apply(self.decoder.admit(request, now, worker_id=primary.id, backup=self.mode.collage))
         for _ in range(self.mode.copies - 1):
-            self._send_single(flight, self.scnn.pick(exclude=primary.id), Source.PRIMARY)
+            self._send_single(flight, Source.PRIMARY, exclude=primary.id)
         if self.mode.collage:  # 3. group, 4. backup
             self._close_groups(self.grouper.add(request, now))
         self._schedule_soon()
         return flight.future  # 6. answer
 
-    def _send_single(self, flight: _Flight, worker: Worker, source: Source) -> None:
+    def _send_single(
+        self, flight: _Flight, source: Source, exclude: str | None = None, idle_only: bool = False
+    ) -> Worker | None:
+        """Send the request's image to an s-CNN worker; None when ``idle_only`` found none idle."""
         request = flight.request
-        call = _start(worker, request.image[None], request.id, self._remaining(request))
-        task = self._spawn(self._single(request, worker, source, call))
-        if getattr(worker, "cancellable", False):
-            flight.cancellable.append((task, worker, call))
+        call = self.scnn.call(
+            request.image[None], self._remaining(request), exclude=exclude, idle_only=idle_only
+        )
+        if call is None:
+            return None
+        flight.calls.append(call)
+        self._spawn(self._single(request, call, source))
+        return call.worker
 
-    async def _single(
-        self, request: Request, worker: Worker, source: Source, call: Awaitable[Inference]
-    ) -> None:
+    async def _single(self, request: Request, call: Call, source: Source) -> None:
         try:
-            result = await call
+            result = await call.result()
         except asyncio.CancelledError:
             if source == Source.PRIMARY:  # keep the straggler in the statistics, as a lower bound
                 self.primary_latencies.add(self.clock.now() - request.arrival)
             raise
         except Exception as exc:  # whatever a worker does, its request must still be settled
-            self._note_failure(worker, exc)
+            self._note_failure(call.worker, exc)
             self._apply(self.decoder.worker_failed(request.id, self.clock.now()))
             return
         reply = Reply.from_probabilities(
-            source, worker.id, result.probabilities[0], request_id=request.id, timings=result.timings
+            source, call.worker.id, result.probabilities[0], request_id=request.id, timings=result.timings
         )
         self._apply(self.decoder.primary_reply(request.id, reply, self.clock.now()))
 
@@ -258,30 +208,29 @@ class FrontEnd:
             if self.encoder is None:
                 continue
             pool = self.collage[group.grid]
-            queued = min((w.outstanding for w in pool.workers if w.up), default=0)
-            if not self.grouper.worth_sending(queued):
+            if not self.grouper.worth_sending(pool.least_queued()):
                 self.metrics.collages_skipped += 1  # its requests are covered by re-issue instead
                 self._apply(self.decoder.worker_failed(group, self.clock.now()))
                 continue
             collage = self.encoder.encode(group)
-            worker = pool.pick()
-            self._apply(self.decoder.add_group(group, self.clock.now()))
             deadline = max(r.deadline for r in group.requests) - self.clock.now()
-            call = _start(worker, collage.pixels[None], f"g{group.id}", max(deadline, 0.001))
-            self._spawn(self._backup(group, worker, call))
+            call = pool.call(collage.pixels[None], max(deadline, 0.001))
+            assert call is not None
+            self._apply(self.decoder.add_group(group, self.clock.now()))
+            self._spawn(self._backup(group, call))
 
-    async def _backup(self, group: Group, worker: Worker, call: Awaitable[Inference]) -> None:
+    async def _backup(self, group: Group, call: Call) -> None:
         try:
-            result = await call
+            result = await call.result()
         except Exception as exc:  # whatever a worker does, its group must still be settled
-            self._note_failure(worker, exc)
+            self._note_failure(call.worker, exc)
             self._apply(self.decoder.worker_failed(group, self.clock.now()))
             return
         timings = result.timings
         busy = timings.get("compute", 0.0) + timings.get("injected", 0.0)
         self.collage_service.add(busy if busy > 0 else timings.get("round_trip", 0.0))
         reply = Reply.from_probabilities(
-            Source.COLLAGE, worker.id, result.probabilities[0], group_id=group.id, timings=timings
+            Source.COLLAGE, call.worker.id, result.probabilities[0], group_id=group.id, timings=timings
         )
         self._apply(self.decoder.collage_reply(group, reply, self.clock.now()))
 
@@ -290,16 +239,20 @@ class FrontEnd:
         if not isinstance(exc, WorkerError):
             log.error("call to worker %s failed unexpectedly: %r", worker.id, exc)
 
-    def retarget(self, worker_id: str, url: str) -> None:
-        """Point worker ``worker_id`` at ``url`` (it restarted elsewhere). It counts as down until
-        its readiness probe answers at the new address."""
-        for pool in (self.scnn, *self.collage.values()):
-            for worker in pool.workers:
-                if worker.id == worker_id:
-                    worker.retarget(url)
-                    worker.up = False
-                    return
-        known = ", ".join(w.id for p in (self.scnn, *self.collage.values()) for w in p.workers)
+    @property
+    def pools(self) -> tuple[WorkerPool, ...]:
+        return (self.scnn, *self.collage.values())
+
+    def replace_transport(self, worker_id: str, transport: Transport) -> Worker:
+        """Reach worker ``worker_id`` through ``transport`` from now on (it restarted at a new
+        address); it counts as down until its readiness probe answers there."""
+        for pool in self.pools:
+            worker = pool.find(worker_id)
+            if worker is not None:
+                worker.transport.close()
+                worker.transport, worker.up = transport, False
+                return worker
+        known = ", ".join(w.id for p in self.pools for w in p.workers)
         raise ModelNotFoundError(f"no worker {worker_id!r}; the workers are {known}")
 
     # -- decoder actions and the timer --------------------------------------------------------
@@ -321,22 +274,16 @@ class FrontEnd:
                 self.metrics.observe_failure(action.status)
                 flight.future.set_exception(action.error())
             elif isinstance(action, Reissue):
-                worker = self._reissue_target(action)
-                if worker is None:
+                # Under ``reissue_to = idle`` a re-issue for lateness (the first call still runs)
+                # goes only to a worker with nothing queued: a busy one would answer no sooner
+                # and queue the copy ahead of new requests.
+                idle_only = self.settings.reissue_to == "idle" and action.optional
+                if self._send_single(flight, Source.REPLICA, action.exclude_worker, idle_only) is None:
                     self.metrics.reissues_skipped += 1
                     self._apply(self.decoder.reissue_skipped(action.request_id, self.clock.now()))
                     continue
                 self.metrics.reissues += 1
-                self._send_single(flight, worker, Source.REPLICA)
         self._schedule_soon()
-
-    def _reissue_target(self, action: Reissue) -> Worker | None:
-        """The worker a re-issue goes to; None to skip it: under ``reissue_to = idle`` a re-issue
-        for lateness (the first call still runs) is sent only to a worker with nothing queued,
-        since a busy one would answer no sooner and queue the call ahead of new requests."""
-        if self.config.reissue_to == "idle" and action.optional:
-            return self.scnn.pick_idle(exclude=action.exclude_worker)
-        return self.scnn.pick(exclude=action.exclude_worker)
 
     def _schedule_soon(self) -> None:
         """Re-aim the timer once the callbacks running now are done: after the answers they
@@ -368,18 +315,12 @@ class FrontEnd:
         return max(request.deadline - self.clock.now(), 0.001)
 
     def _cancel_calls(self, flight: _Flight) -> None:
-        if not flight.cancellable:
-            return
-        current = asyncio.current_task()
-        for task, worker, call in flight.cancellable:
-            if task is not current and not task.done():
-                if inspect.getcoroutinestate(task.get_coro()) == inspect.CORO_CREATED:
-                    worker.outstanding -= 1  # never started: infer will not give its slot back
-                    if inspect.iscoroutine(call):
-                        call.close()  # nor will it run
-                task.cancel()
+        """Drop the answered request's other s-CNN calls where the transport can, so a
+        straggler's queue loses work nobody waits for."""
+        for call in flight.calls:
+            if call.cancel():
                 self.metrics.cancelled += 1
-        flight.cancellable.clear()
+        flight.calls.clear()
 
     def _loop(self) -> asyncio.AbstractEventLoop:
         # Kept: on Python 3.11 every get_running_loop() is a getpid() system call.
@@ -392,3 +333,32 @@ class FrontEnd:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
+
+
+async def build_frontend(
+    settings: FrontEndSettings, scnn: Sequence[Transport], collage: Sequence[Transport] = ()
+) -> FrontEnd:
+    """Describe every model server and build the front end over them: the one way a front end
+    is built, whatever the transports (workers ``scnn-i`` and ``collage-i``, in order)."""
+    if not scnn:
+        raise ConfigError("give at least one s-CNN worker")
+    collage = collage if settings.redundancy.collage else ()
+    scnn_workers = [Worker(f"scnn-{i}", t) for i, t in enumerate(scnn)]
+    collage_workers = [Worker(f"collage-{i}", t) for i, t in enumerate(collage)]
+    infos = await asyncio.gather(*(w.describe() for w in scnn_workers + collage_workers))
+    class_names, channels = infos[0].labels, infos[0].channels
+    for worker, info in zip(scnn_workers, infos, strict=False):
+        if info.kind != "scnn" or info.labels != class_names:
+            raise ConfigError(
+                f"worker {worker.transport.name} serves {info.kind} {info.model}, not a matching s-CNN"
+            )
+    pools: dict[int, list[Worker]] = {}
+    tiles: dict[int, int] = {}
+    for worker, info in zip(collage_workers, infos[len(scnn_workers) :], strict=True):
+        if info.kind != "collage" or info.labels[: len(class_names)] != class_names:
+            where = worker.transport.name
+            raise ConfigError(f"worker {where} serves {info.kind} {info.model}, not a matching collage model")
+        pools.setdefault(info.grid, []).append(worker)
+        tiles[info.grid] = info.image_size
+    collage_pools = {grid: WorkerPool(workers) for grid, workers in pools.items()}
+    return FrontEnd(settings, WorkerPool(scnn_workers), collage_pools, class_names, tiles, channels)

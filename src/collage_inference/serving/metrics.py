@@ -15,6 +15,7 @@ from collections.abc import Iterable
 
 from collage_inference.serving.types import Answer, Group
 
+WorkerGauges = tuple[str, str, int, int, int]  # id, url, up, outstanding, calls
 DURATION_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 
 
@@ -41,6 +42,11 @@ class Metrics:
         self.shed = 0
         self.bad_requests = 0
         self.cancelled = 0  # pending s-CNN calls cancelled once their request was answered
+        # What the decoder alone sees: replies it dropped, and cells that were no answer.
+        self.late_replies: Counter[str] = Counter()  # by source: their request was already answered
+        self.unknown_replies = 0  # for requests never admitted or long forgotten
+        self.empty_cells = 0  # collage cells of real requests that came back ``empty``
+        self.bad_replies = 0  # replies with a missing or out-of-range label
 
     def observe_answer(self, answer: Answer) -> None:
         self.success += 1
@@ -67,8 +73,9 @@ class Metrics:
         """Requests whose primary was too late: answered by another path or re-issued."""
         return self.answers["collage"] + self.reissues
 
-    def render(self, extra: Iterable[tuple[str, str, str, float]] = ()) -> str:
-        """The exposition text; ``extra`` adds (name, help, labels, value) gauges."""
+    def render(self, workers: Iterable[WorkerGauges] = (), in_flight: int = 0) -> str:
+        """The exposition text, with one sample per worker in each per-worker family."""
+        workers = list(workers)
         m = f'model="{self.model}",version="1"'
         lines: list[str] = []
 
@@ -184,8 +191,21 @@ class Metrics:
             "Pending s-CNN calls cancelled because their request was answered (transports that can cancel)",
             [("", self.cancelled)],
         )
-        for name, help_text, labels, value in extra:
-            series(name, "gauge", help_text, [(labels, value)])
+        series(
+            "collage_decoder_late_replies",
+            "gauge",
+            "Replies dropped because their request was answered",
+            [("", sum(self.late_replies.values()))],
+        )
+        series(
+            "collage_requests_in_flight", "gauge", "Requests admitted and not yet answered", [("", in_flight)]
+        )
+        for name, help_text, index in (
+            ("collage_worker_up", "1 when the worker is taking requests", 2),
+            ("collage_worker_outstanding", "Calls in flight to the worker", 3),
+            ("collage_worker_calls", "Calls sent to the worker", 4),
+        ):
+            series(name, "gauge", help_text, [(f'worker="{w[0]}",url="{w[1]}"', w[index]) for w in workers])
         return "\n".join(lines) + "\n"
 
 

@@ -5,7 +5,7 @@
 
 Records holding NumPy arrays use ``eq=False`` (identity equality): element-wise array
 comparison has no single truth value, and no stage needs value equality of images.
-Sources and policies are ``StrEnum``s, so they compare equal to, and render as, plain strings.
+Sources and close reasons are ``StrEnum``s, so they compare equal to, and render as, plain strings.
 """
 
 from __future__ import annotations
@@ -30,14 +30,6 @@ class Source(StrEnum):
     PRIMARY = "primary"  # the s-CNN call sent at admission
     COLLAGE = "collage"  # the request's cell of the collage-CNN answer (the backup)
     REPLICA = "replica"  # an s-CNN call re-issued after primary and backup were both late
-
-
-class DecoderPolicy(StrEnum):
-    """How the decoder chooses between a primary and a collage answer."""
-
-    FIRST = "first"  # whichever usable answer arrives first wins: lowest latency
-    PATIENT = "patient"  # a collage answer waits for the primary up to an adaptive deadline
-    CONFIDENT = "confident"  # a confident collage cell answers at once, the others wait as in patient
 
 
 class CloseReason(StrEnum):

@@ -11,7 +11,7 @@ from PIL import Image
 
 from collage_inference.bench.loadgen import LoadConfig, arrival_offsets, parse_answer, render_payload
 from collage_inference.errors import ConfigError, ProtocolError
-from collage_inference.serving.protocol import (
+from collage_inference.serving.v2 import (
     HEADER_LENGTH,
     InferRequest,
     InferResponse,

@@ -4,9 +4,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from collage_inference.config import load_config
 from collage_inference.errors import PayloadTooLargeError, ProtocolError
-from collage_inference.serving.api import images_from_tensor, parse_image_bytes, parse_worker_arg
-from collage_inference.serving.protocol import InferTensor
+from collage_inference.serving.payloads import first_multipart_part, images_from_tensor, parse_image_bytes
+from collage_inference.serving.v2 import InferTensor
 
 
 def png(array: np.ndarray) -> bytes:
@@ -54,6 +55,17 @@ def test_wrong_dtype_or_shape_says_what_to_send(array, message):
 
 
 def test_worker_argument():
-    assert parse_worker_arg("http://127.0.0.1:8001#scnn") == ("http://127.0.0.1:8001", "scnn")
+    config = load_config(overrides={"scnn": ["http://127.0.0.1:8001#scnn"], "mode": "none"})
+    assert (config.scnn[0].url, config.scnn[0].model) == ("http://127.0.0.1:8001", "scnn")
     with pytest.raises(Exception, match="URL#MODEL|HOST:PORT#MODEL"):
-        parse_worker_arg("127.0.0.1:8001")
+        load_config(overrides={"scnn": ["127.0.0.1:8001"], "mode": "none"})
+
+
+def test_the_first_multipart_part_is_the_file():
+    body = (
+        b'--XX\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\n'
+        b"Content-Type: image/png\r\n\r\nPNGDATA\r\n--XX--\r\n"
+    )
+    assert first_multipart_part(body, "multipart/form-data; boundary=XX") == b"PNGDATA"
+    with pytest.raises(ProtocolError, match="no file"):
+        first_multipart_part(b"--XX--\r\n", "multipart/form-data; boundary=XX")

@@ -6,12 +6,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from collage_inference.errors import ConfigError, DeadlineExceededError, ProtocolError, UnavailableError
+from collage_inference.modes import DecoderPolicy
 from collage_inference.serving.decoder import Decoder, DecoderConfig
 from collage_inference.serving.latency import AdaptiveTimeout, LatencyWindow
 from collage_inference.serving.types import (
     Answer,
     CloseReason,
-    DecoderPolicy,
     Fail,
     Group,
     Prediction,
@@ -76,7 +76,7 @@ def test_primary_first_answers_at_once_and_drops_the_collage(one):
     )
     assert answer.latency == pytest.approx(0.02) and answer.timings["infer"] == 0.01
     assert decoder.collage_reply(group, collage(group, [2]), 0.03) == []
-    assert decoder.stats.late[Source.COLLAGE] == 1 and decoder.stats.answered[Source.PRIMARY] == 1
+    assert decoder.metrics.late_replies[Source.COLLAGE] == 1 and answer.source == Source.PRIMARY
     assert decoder.pending == 0 and decoder.next_deadline() is None
 
 
@@ -93,7 +93,7 @@ def test_collage_first_under_policy_first_answers_from_the_cell(make_request):
         (b.id, 0, Source.COLLAGE),
     ]
     assert decoder.primary_reply(a.id, single(a.id, 1), 0.03) == []
-    assert decoder.stats.late[Source.PRIMARY] == 1
+    assert decoder.metrics.late_replies[Source.PRIMARY] == 1
 
 
 @pytest.mark.parametrize(("confidence", "at_once"), [(0.95, True), (0.6, False)])
@@ -134,7 +134,7 @@ def test_patient_deadline_expiry_answers_from_the_held_cell(one):
     assert (answer.source, answer.label, answer.class_name) == (Source.COLLAGE, 2, "owl")
     assert answer.timings["held"] == pytest.approx(PRIMARY_DUE - 0.02)
     assert decoder.primary_reply(request.id, single(request.id, 1), 0.3) == []
-    assert decoder.stats.late[Source.PRIMARY] == 1
+    assert decoder.metrics.late_replies[Source.PRIMARY] == 1
 
 
 def test_a_collage_after_the_primary_is_due_answers_at_once_under_patient(one):
@@ -153,7 +153,7 @@ def test_failed_primary_lets_a_held_cell_answer_at_once(one):
 def test_empty_cell_is_never_an_answer(one):
     decoder, request, group = one
     assert decoder.collage_reply(group, collage(group, [EMPTY]), 0.02) == []
-    assert decoder.stats.empty_cells == 1
+    assert decoder.metrics.empty_cells == 1
     [reissue] = decoder.tick(PRIMARY_DUE)  # primary late and backup lost: re-issue
     assert reissue == Reissue(request.id, "w1", 1, optional=True)
     [answer] = decoder.primary_reply(request.id, single(request.id, 0, Source.REPLICA, "w2"), 0.15)
@@ -169,7 +169,7 @@ def test_both_late_reissues_once_the_later_of_the_two_is_due(make_request):
     assert decoder.next_deadline() == pytest.approx(0.08 + COLLAGE_PATIENCE)
     assert decoder.tick(PRIMARY_DUE) == []
     [reissue] = decoder.tick(0.13)
-    assert reissue.exclude_worker == "w1" and decoder.stats.reissues == 1
+    assert reissue.exclude_worker == "w1" and reissue.attempt == 1
 
 
 def test_a_lateness_reissue_is_optional_and_a_skipped_one_keeps_waiting_for_the_primary(make_request):
@@ -179,7 +179,7 @@ def test_a_lateness_reissue_is_optional_and_a_skipped_one_keeps_waiting_for_the_
     [reissue] = decoder.tick(PRIMARY_DUE)
     assert reissue.optional  # the primary is still running
     assert decoder.reissue_skipped(request.id, PRIMARY_DUE) == []
-    assert decoder.stats.reissues == 0 and decoder.pending == 1
+    assert decoder.pending == 1
     [answer] = decoder.primary_reply(request.id, single(request.id, 2), 0.3)
     assert answer.label == 2 and answer.source == Source.PRIMARY
 
@@ -219,7 +219,7 @@ def test_garbage_collage_reply_is_a_lost_backup(one):
     decoder, request, group = one
     bad = Reply(Source.COLLAGE, "c1", (Prediction(1, 0.5),), group_id=group.id)  # 1 cell, not 4
     assert decoder.collage_reply(group, bad, 0.02) == []
-    assert decoder.stats.bad_replies == 1
+    assert decoder.metrics.bad_replies == 1
     assert isinstance(decoder.tick(PRIMARY_DUE)[0], Reissue)
 
 
@@ -234,7 +234,7 @@ def test_end_to_end_deadline_fails_with_504(make_request):
     assert isinstance(fail, Fail) and fail.status == 504
     assert isinstance(fail.error(), DeadlineExceededError)
     assert decoder.primary_reply(request.id, single(request.id, 1, Source.REPLICA), 0.2) == []
-    assert decoder.stats.late[Source.REPLICA] == 1 and decoder.stats.failed[504] == 1
+    assert decoder.metrics.late_replies[Source.REPLICA] == 1
 
 
 def test_a_held_cell_beats_a_504(make_request):
@@ -273,7 +273,7 @@ def test_failed_replica_with_reissues_left_reissues_again(make_request):
 def test_bad_primary_label_is_not_an_answer(one):
     decoder, request, group = one
     assert decoder.primary_reply(request.id, single(request.id, EMPTY), 0.01) == []
-    assert decoder.stats.bad_replies == 1
+    assert decoder.metrics.bad_replies == 1
     [answer] = decoder.collage_reply(group, collage(group, [1]), 0.02)  # nothing else to wait for
     assert answer.source == Source.COLLAGE
 
@@ -281,7 +281,7 @@ def test_bad_primary_label_is_not_an_answer(one):
 def test_unknown_replies_are_counted_and_duplicates_rejected(make_request):
     decoder = make_decoder()
     assert decoder.primary_reply("nope", single("nope", 0), 0.0) == []
-    assert decoder.stats.unknown == 1
+    assert decoder.metrics.unknown_replies == 1
     request = make_request(0.0)
     decoder.admit(request, 0.0)
     with pytest.raises(ProtocolError):
@@ -404,4 +404,4 @@ def test_each_request_is_finished_exactly_once_in_any_event_order(scenario):
         else:
             reissues[action.request_id] += 1
     assert all(count <= max_reissues for count in reissues.values())
-    assert sum(decoder.stats.late.values()) == late
+    assert sum(decoder.metrics.late_replies.values()) == late

@@ -1,62 +1,47 @@
-"""The front end's request path over fake workers: fast, no processes, real asyncio timing."""
+"""The front end's request path over in-memory workers: fast, no processes, real asyncio timing."""
 
 import asyncio
 
 import numpy as np
 import pytest
 
-from collage_inference.errors import ModelNotFoundError, OverloadedError, WorkerError
-from collage_inference.serving.dispatch import Inference, WorkerPool
-from collage_inference.serving.frontend import FrontEnd, FrontEndConfig, _Flight
-from collage_inference.serving.modes import get_mode
-from collage_inference.serving.types import DecoderPolicy, Request, Source
+from collage_inference.config import FrontEndSettings
+from collage_inference.errors import ModelNotFoundError, OverloadedError
+from collage_inference.modes import DecoderPolicy
+from collage_inference.serving.frontend import FrontEnd, _Flight
+from collage_inference.serving.pool import Worker, WorkerPool
+from collage_inference.serving.transports.fake import FakeTransport
+from collage_inference.serving.types import Request, Source
 
 CLASSES = tuple(f"c{i}" for i in range(10))
 TILE = 4
 
 
-class FakeWorker:
-    """Answers like a worker: the label is the image's first pixel value (collages: per tile)."""
+def answer_scnn(images: np.ndarray) -> np.ndarray:
+    """The label is the image's first pixel value minus one."""
+    return np.eye(len(CLASSES), dtype=np.float32)[[int(images[0, 0, 0, 0]) - 1]]
 
-    def __init__(self, worker_id: str, delay: float = 0.001, fail: bool = False, grid: int = 0) -> None:
-        self.id, self.url, self.delay, self.fail, self.grid = (
-            worker_id,
-            f"fake://{worker_id}",
-            delay,
-            fail,
-            grid,
-        )
-        self.outstanding, self.up, self.latency, self.calls = 0, True, 0.0, 0
 
-    async def infer(self, images: np.ndarray, request_id: str, timeout: float) -> Inference:
-        self.calls += 1
-        try:  # the pool counted this call in ``outstanding`` when it picked us
-            await asyncio.sleep(min(self.delay, timeout))
-            if self.fail or self.delay > timeout:
-                self.up = False
-                raise WorkerError(f"{self.id} failed")
-        finally:
-            self.outstanding -= 1
-        if self.grid:  # collage: (1, S*t, S*t, 1) -> (1, k, C + 1)
-            s = self.grid
-            tiles = images[0, ::TILE, ::TILE, 0].reshape(s * s)
-            labels = np.where(tiles == 0, len(CLASSES), tiles - 1)  # black tile = empty
-            return Inference(np.eye(len(CLASSES) + 1, dtype=np.float32)[labels][None])
-        return Inference(np.eye(len(CLASSES), dtype=np.float32)[[int(images[0, 0, 0, 0]) - 1]])
+def answer_collage(grid: int):
+    def answer(images: np.ndarray) -> np.ndarray:  # (1, S*t, S*t, 1) -> (1, k, C + 1), per tile
+        tiles = images[0, ::TILE, ::TILE, 0].reshape(grid * grid)
+        labels = np.where(tiles == 0, len(CLASSES), tiles - 1)  # black tile = empty
+        return np.eye(len(CLASSES) + 1, dtype=np.float32)[labels][None]
 
-    async def ready(self, timeout: float = 1.0) -> bool:
-        return not self.fail
+    return answer
 
-    async def run_probes(self, interval: float) -> None:
-        await asyncio.sleep(3600)
+
+def FakeWorker(worker_id: str, delay: float = 0.001, fail: bool = False, grid: int = 0) -> Worker:
+    answer = answer_collage(grid) if grid else answer_scnn
+    return Worker(worker_id, FakeTransport(worker_id, answer, delay=delay, fail=fail))
 
 
 def image(label: int) -> np.ndarray:
     return np.full((TILE, TILE, 1), label + 1, np.uint8)
 
 
-def frontend(mode: str, scnn: list[FakeWorker], collage: FakeWorker | None = None, **kw) -> FrontEnd:
-    config = FrontEndConfig(get_mode(mode), grid=2, group_timeout=0.005, request_timeout=2.0, **kw)
+def frontend(mode: str, scnn: list[Worker], collage: Worker | None = None, **kw) -> FrontEnd:
+    config = FrontEndSettings(mode, grid=2, group_timeout=0.005, request_timeout=2.0, **kw)
     pools = {2: WorkerPool([collage])} if collage else {}
     return FrontEnd(config, WorkerPool(scnn), pools, CLASSES, {2: TILE} if collage else {}, 1)
 
@@ -76,7 +61,7 @@ def test_collage_rescues_a_straggler_fast():
     )
     # warm the primary latency window so the patient policy knows what "late" means
     asyncio.run(classify_all(fe, [1, 2, 3]))
-    slow.outstanding = 0
+    assert slow.outstanding == 0  # the straggler's call was cancelled at stop and gave its slot back
     answers = asyncio.run(classify_all(fe, [0, 1, 2, 3, 4, 5, 6, 7]))
     assert [a.label for a in answers] == [0, 1, 2, 3, 4, 5, 6, 7]
     rescued = [a for a in answers if a.worker_id == "c"]
@@ -102,7 +87,7 @@ def test_replicate_all_sends_two_copies_and_answers_once():
 
 def test_first_policy_takes_whichever_answer_comes_first():
     fe = frontend(
-        "collage", [FakeWorker("s0", delay=0.3)], FakeWorker("c", grid=2), policy=DecoderPolicy.FIRST
+        "collage", [FakeWorker("s0", delay=0.3)], FakeWorker("c", grid=2), policy=DecoderPolicy.FIRST.value
     )
     answers = asyncio.run(classify_all(fe, [5, 6, 7, 8]))
     assert [a.label for a in answers] == [5, 6, 7, 8] and all(a.source is Source.COLLAGE for a in answers)
@@ -157,13 +142,13 @@ def test_a_burst_is_spread_over_the_least_loaded_workers():
     assert all(w.outstanding == 0 for w in workers)
 
 
-class GarbageWorker(FakeWorker):
+def GarbageWorker(worker_id: str, grid: int = 0) -> Worker:
     """A worker whose calls fail with something other than WorkerError (a bug, garbage)."""
 
-    async def infer(self, images: np.ndarray, request_id: str, timeout: float) -> Inference:
-        self.calls += 1
-        self.outstanding -= 1
+    def garbage(images: np.ndarray) -> np.ndarray:
         raise ValueError("garbage in the reply")
+
+    return Worker(worker_id, FakeTransport(worker_id, garbage))
 
 
 def test_a_worker_raising_anything_still_leaves_every_request_answered_once():
@@ -181,37 +166,30 @@ def test_a_broken_collage_worker_degrades_to_the_primary_path_without_errors():
     assert all(a.source is Source.PRIMARY for a in answers) and fe.ready
 
 
-def test_retarget_points_a_worker_at_its_new_address_and_marks_it_down_until_probed():
-    class Movable(FakeWorker):
-        def retarget(self, url: str) -> None:
-            self.url = url
-
-    moved = Movable("s0")
+def test_replace_transport_points_a_worker_elsewhere_and_marks_it_down_until_probed():
+    moved = FakeWorker("s0")
     fe = frontend("none", [moved, FakeWorker("s1")])
-    fe.retarget("s0", "http://127.0.0.1:9999")
-    assert moved.url == "http://127.0.0.1:9999" and not moved.up
+    elsewhere = FakeTransport("elsewhere", answer_scnn)
+    fe.replace_transport("s0", elsewhere)
+    assert moved.transport is elsewhere and not moved.up
     with pytest.raises(ModelNotFoundError, match="s0, s1"):
-        fe.retarget("nope", "http://127.0.0.1:1")
+        fe.replace_transport("nope", elsewhere)
 
 
 def test_a_call_cancelled_before_it_started_gives_its_slot_back():
-    class Cancellable(FakeWorker):
-        cancellable = True
-
     async def run() -> tuple[int, int]:
-        fe = frontend("none", [Cancellable("s0"), Cancellable("s1")])
+        fe = frontend("none", [FakeWorker("s0"), FakeWorker("s1")])
         await fe.start()
         try:
             flight = _Flight(Request("x", image(1), 0.0, 10.0), asyncio.get_running_loop().create_future())
-            worker = fe.scnn.pick()  # reserves a slot; the task below never gets to run
-            fe._send_single(flight, worker, Source.REPLICA)
+            worker = fe._send_single(flight, Source.REPLICA)  # its task never gets to run
             fe._cancel_calls(flight)
             await asyncio.sleep(0)
-            return worker.outstanding, worker.calls
+            return worker.outstanding, fe.metrics.cancelled
         finally:
             await fe.stop()
 
-    assert asyncio.run(run()) == (0, 0)
+    assert asyncio.run(run()) == (0, 1)
 
 
 def test_a_caller_that_stops_waiting_leaves_nothing_behind():
@@ -231,13 +209,21 @@ def test_a_caller_that_stops_waiting_leaves_nothing_behind():
     asyncio.run(scenario())
 
 
-def test_pick_idle_takes_only_an_idle_worker_and_counts_its_call():
-    busy, idle = FakeWorker("s0"), FakeWorker("s1")
-    busy.outstanding = 1
-    pool = WorkerPool([busy, idle])
-    assert pool.pick_idle(exclude="s0") is idle and idle.outstanding == 1
-    assert pool.pick_idle(exclude="s0") is None  # both busy now: nothing counted
-    assert busy.outstanding == 1 and idle.outstanding == 1
-    single = FakeWorker("ray")  # one handle standing for a deployment that routes itself
-    single.outstanding = 5
-    assert WorkerPool([single]).pick_idle(exclude="ray") is single and single.outstanding == 6
+def test_an_idle_only_call_takes_only_an_idle_worker():
+    async def run() -> None:
+        busy, idle = FakeWorker("s0"), FakeWorker("s1")
+        pool = WorkerPool([busy, idle])
+        first = pool.call(image(1)[None], 1.0, exclude="s1")
+        assert first is not None and first.worker is busy
+        call = pool.call(image(1)[None], 1.0, exclude="s0", idle_only=True)
+        assert call is not None and call.worker is idle and idle.outstanding == 1
+        assert pool.call(image(1)[None], 1.0, exclude="s0", idle_only=True) is None  # both busy
+        await asyncio.gather(first.result(), call.result())
+        assert busy.outstanding == idle.outstanding == 0
+        single = FakeWorker("ray")  # one worker standing for a deployment that routes itself
+        single.outstanding = 5
+        lone = WorkerPool([single]).call(image(1)[None], 1.0, exclude="ray", idle_only=True)
+        assert lone is not None and single.outstanding == 6
+        await lone.result()
+
+    asyncio.run(run())

@@ -1,11 +1,12 @@
 import numpy as np
 import pytest
 
+from collage_inference.config import FrontEndSettings
 from collage_inference.errors import ConfigError
+from collage_inference.modes import MODES, get_mode
 from collage_inference.serving.clock import FakeClock
-from collage_inference.serving.decoder import Decoder
+from collage_inference.serving.decoder import Decoder, DecoderConfig
 from collage_inference.serving.metrics import Metrics
-from collage_inference.serving.modes import MODES, decoder_config, get_mode
 from collage_inference.serving.types import Answer, Reissue, Reply, Request, Source
 
 CLASSES = tuple(str(i) for i in range(10))
@@ -33,7 +34,8 @@ def _request(clock: FakeClock) -> Request:
 
 def _reissue_after(mode: str, seconds: float) -> bool:
     clock = FakeClock(100.0)
-    decoder = Decoder(decoder_config(get_mode(mode), CLASSES, replicate_timeout=0.05))
+    settings = FrontEndSettings(mode, replicate_timeout=0.05)
+    decoder = Decoder(DecoderConfig.for_mode(settings, CLASSES))
     decoder.admit(_request(clock), clock.now(), worker_id="w0", backup=False)
     clock.advance(seconds)
     return any(isinstance(a, Reissue) for a in decoder.tick(clock.now()))
@@ -47,15 +49,18 @@ def test_replicate_reissues_after_its_fixed_timeout_and_none_does_not():
 
 
 def test_metrics_render_triton_names_and_sources():
-    metrics = Metrics()
+    metrics = Metrics("fashion")
     metrics.observe_answer(Answer("r0", 3, "3", 0.9, Source.COLLAGE, 0.004, "c0", {"compute": 0.001}))
     metrics.observe_failure(504)
-    text = metrics.render([("collage_worker_up", "up", 'worker="w0"', 1)])
-    assert 'nv_inference_request_success{model="classifier",version="1"} 1' in text
-    assert 'nv_inference_request_failure{model="classifier",version="1"} 1' in text
+    text = metrics.render([("w0", "http://a", 1, 2, 7), ("w1", "http://b", 0, 0, 3)], in_flight=4)
+    assert 'nv_inference_request_success{model="fashion",version="1"} 1' in text  # the served name
+    assert 'nv_inference_request_failure{model="fashion",version="1"} 1' in text
     assert 'collage_answers_total{source="collage"} 1' in text
-    assert 'collage_request_duration_seconds_bucket{model="classifier",version="1",le="0.005"} 1' in text
-    assert 'collage_worker_up{worker="w0"} 1' in text
+    assert 'collage_request_duration_seconds_bucket{model="fashion",version="1",le="0.005"} 1' in text
+    assert 'collage_worker_up{worker="w0",url="http://a"} 1' in text
+    assert 'collage_worker_calls{worker="w1",url="http://b"} 3' in text
+    assert text.count("# HELP collage_worker_up ") == 1  # one family, a sample per worker
+    assert "collage_requests_in_flight{} 4" in text
     assert metrics.stragglers == 1
 
 

@@ -40,7 +40,7 @@ def test_bad_ray_settings_name_the_key(overrides: dict, names: str) -> None:
 
 def test_local_cpus_refuse_what_cannot_be_placed() -> None:
     pytest.importorskip("ray")
-    from collage_inference.serving.ray.launcher import local_cpus, requested_cpus
+    from collage_inference.deploy.ray import local_cpus, requested_cpus
 
     config = load_config(None, {"backend": "ray", "grid": 2, "ray.num_cpus": 2})
     assert requested_cpus(config) == 6.0  # 4 s-CNN + 1 collage + the ingress, 1 CPU each

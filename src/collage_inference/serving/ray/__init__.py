@@ -5,11 +5,12 @@
 
 Layout (one code path, two transports):
 
-    deployments.py  ModelServer: one model replica (the worker's runtime + straggler injection)
-    transport.py    RayWorker: the front end's ``Worker`` over a deployment handle
+    deployments.py  ModelDeployment: the model server core as one replica (straggling by rank)
     ingress.py      Ingress: the FrontEnd (grouper, encoder, decoder: the very same code) behind
-                    Ray Serve's HTTP proxy, answering V2, /predict and /metrics as serving/api.py
-    launcher.py     RayCluster: builds the application from a ServeConfig, runs and stops it
+                    Ray Serve's HTTP proxy, serving the front end's one route table
+
+The transport is :mod:`collage_inference.serving.transports.ray`; the launcher that builds the
+application from a ServeConfig is :mod:`collage_inference.deploy.ray`.
 
 Ray is an optional extra; :func:`require_ray` says how to install it when it is missing.
 """

@@ -6,8 +6,14 @@
 :func:`build_app` turns the config into three kinds of deployments: ``scnn`` (the s-CNN, with
 its replica count or autoscaling bounds), ``collage-SxS`` (one per served grid) and ``frontend``
 (the ingress, which the HTTP proxy routes every path to). :class:`RayCluster` has the
-:class:`~collage_inference.serving.cluster.LocalCluster` interface the CLI and the benchmark
+:class:`~collage_inference.deploy.local.LocalCluster` interface the CLI and the benchmark
 harness use: ``start``, ``stop``, ``url``, ``describe``, ``extra_cost``.
+
+Both launchers hand their children the same objects: each model deployment is bound with a
+:class:`~collage_inference.config.WorkerSettings` (as a local worker process reads from its
+settings file) and the deployment's :class:`~collage_inference.config.SlowdownSettings` (each
+replica picks its own straggling by its rank), and the ingress with the
+:class:`~collage_inference.config.ServeConfig` itself, as the local front end.
 
 With ``[ray] address = "local"`` (the default) it starts a private Ray instance on this machine
 and stops it, every process included, on :meth:`RayCluster.stop`; with ``auto`` or
@@ -29,30 +35,21 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
-from collage_inference.config import AUTO, ServeConfig, load_config
+from collage_inference.config import ServeConfig, WorkerSettings, load_config
 from collage_inference.errors import ConfigError, UnavailableError
-from collage_inference.serving.frontend import FrontEndConfig
-from collage_inference.serving.http import load_token
-from collage_inference.serving.modes import MODES, get_mode
+from collage_inference.modes import MODES
 from collage_inference.serving.ray import require_ray
-from collage_inference.serving.types import DecoderPolicy
+from collage_inference.serving.web.routes import load_token
 
 
-def frontend_config(config: ServeConfig) -> FrontEndConfig:
-    """The front end's settings of a ServeConfig (what `collage frontend` gets as flags)."""
-    return FrontEndConfig(
-        mode=get_mode(config.mode),
-        grid=None if config.grid == AUTO else int(config.grid),
-        group_timeout=config.group_timeout,
-        policy=DecoderPolicy(config.policy),
-        request_timeout=config.request_timeout,
-        replicate_timeout=config.replicate_timeout,
-        max_pending=config.max_pending,
-        reissue_to=config.reissue_to,
-        confident_at=config.confident_at,
-    )
+def replica_settings(config: ServeConfig, model: Path) -> WorkerSettings:
+    """A model deployment's settings: ``model`` (resolved, as replicas may start in another
+    directory) under its file stem, with the config's engine threads. Host and port are the
+    Serve proxy's; straggling is chosen per replica from the deployment's SlowdownSettings."""
+    return WorkerSettings(model_path=model.resolve(), name=model.stem, threads=config.threads)
 
 
 def _scaling(config: ServeConfig, replicas: int, cpus: float, autoscale: bool = False) -> dict[str, Any]:
@@ -77,18 +74,18 @@ def build_app(config: ServeConfig) -> Any:
     require_ray()
     from ray import serve
 
-    from collage_inference.serving.ray.deployments import ModelServer
+    from collage_inference.serving.ray.deployments import ModelDeployment
     from collage_inference.serving.ray.ingress import Ingress
 
-    rs, slow = config.ray, config.slowdown if config.slowdown.active else None
-    model = serve.deployment(ModelServer)
+    rs, slow = config.ray, config.slowdown  # each replica applies slow.for_worker(kind, its rank)
+    model = serve.deployment(ModelDeployment)
     scnn = model.options(name="scnn", **_scaling(config, config.scnn_count, rs.scnn_cpus, True)).bind(
-        str(config.scnn_model().resolve()), "onnx", config.threads, slow
+        replica_settings(config, config.scnn_model()), slow
     )
     collage = {
         grid: model.options(
             name=f"collage-{grid}x{grid}", **_scaling(config, collage_replicas(config), rs.collage_cpus)
-        ).bind(str(path.resolve()), "onnx", config.threads, slow)
+        ).bind(replica_settings(config, path), slow)
         for grid, path in sorted(config.collage_models().items())
     }
     ingress = serve.deployment(Ingress).options(
@@ -98,13 +95,13 @@ def build_app(config: ServeConfig) -> Any:
         max_ongoing_requests=config.max_pending,  # the front end sheds load itself (429)
     )
     token = load_token(config.token_file)
-    return ingress.bind(scnn, collage, frontend_config(config), config.model_name, None, rs.app_name, token)
+    return ingress.bind(scnn, collage, config, token)
 
 
 def app_builder(args: dict[str, Any]) -> Any:
     """The application for Ray's own tooling (``serve run``, ``serve deploy``, a KubeRay
     RayService): ``args`` holds ``config`` (a TOML file on the cluster) and any config keys to
-    override, e.g. ``serve run collage_inference.serving.ray.launcher:app_builder
+    override, e.g. ``serve run collage_inference.deploy.ray:app_builder
     config=examples/ray.toml mode=hedge``. The HTTP host, port and Ray address are then Ray's."""
     overrides = {k: v for k, v in args.items() if k != "config"}
     return build_app(load_config(args.get("config"), {**overrides, "backend": "ray"}))
@@ -310,7 +307,7 @@ class RayCluster:
         grids = sorted(cfg.collage_models())
         slow = cfg.slowdown
         ranks = list(slow.workers) if slow.workers is not None else "all"
-        note = f", straggling: {slow.spec} on ranks {ranks}" if slow.active else ""
+        note = f", straggling: {slow.describe()} on ranks {ranks}" if slow.active else ""
         lines = [
             f"mode {cfg.mode}, grid {cfg.grid} (k = {cfg.k}) on Ray Serve ({rs.address}), "
             f"application {rs.app_name!r}; extra cost of the mode: {self.extra_cost:.3f}",

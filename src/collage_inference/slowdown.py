@@ -20,7 +20,6 @@ so requests queued behind a straggler wait for it too.
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import subprocess
@@ -292,29 +291,3 @@ class CpuContention:
 
     def describe(self) -> str:
         return f"cpu contention {self.fraction:g} x {self.processes}"
-
-
-def add_slowdown_arguments(parser: argparse.ArgumentParser) -> None:
-    """The straggler flags, shared by every command that starts workers."""
-    group = parser.add_argument_group("straggler injection (off by default)")
-    group.add_argument(
-        "--slowdown",
-        default="none",
-        help="delay sampler: none, bimodal[:SCALE], trace:PATH[:SCALE], pareto:alpha=A,scale=S[,cap=C]",
-    )
-    group.add_argument("--slowdown-kind", default="per-request", choices=KINDS, help="how delays apply")
-    group.add_argument(
-        "--slow-onset-rate", type=float, default=0.05, help="per-instance: slow periods per second"
-    )
-    group.add_argument(
-        "--slow-period", type=float, default=2.0, help="per-instance: mean slow period, seconds"
-    )
-    group.add_argument("--contention", type=float, default=0.0, help="CPU fraction burnt in the background")
-    group.add_argument("--seed", type=int, default=0, help="seed of the delay sampler")
-
-
-def slowdown_from_args(args: argparse.Namespace) -> Slowdown | None:
-    """The :class:`Slowdown` the flags of :func:`add_slowdown_arguments` describe."""
-    return parse_slowdown(
-        args.slowdown, args.slowdown_kind, args.seed, args.slow_onset_rate, args.slow_period
-    )

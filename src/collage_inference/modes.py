@@ -1,4 +1,6 @@
-"""Redundancy modes: every strategy runs on the same workers and the same code path.
+"""Redundancy modes and decoder policies: the vocabulary of strategies a deployment can run.
+
+Every mode runs on the same workers and the same code path.
 
 Each mode is a row of settings read by the front end; nothing else branches on the mode, so a
 comparison between modes measures the strategy and not different code.
@@ -19,12 +21,10 @@ worker priced as one s-CNN worker although its model costs at most one s-CNN pas
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
+from enum import StrEnum
 
 from collage_inference.errors import ConfigError
-from collage_inference.serving.decoder import DecoderConfig
-from collage_inference.serving.latency import AdaptiveTimeout
-from collage_inference.serving.types import DecoderPolicy
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,14 @@ class Mode:
         return extra / k
 
 
+class DecoderPolicy(StrEnum):
+    """How the decoder chooses between a primary and a collage answer."""
+
+    FIRST = "first"  # whichever usable answer arrives first wins: lowest latency
+    PATIENT = "patient"  # a collage answer waits for the primary up to an adaptive deadline
+    CONFIDENT = "confident"  # a confident collage cell answers at once, the others wait as in patient
+
+
 # Where a re-issue for lateness goes: only an idle worker (else it is skipped: a busy worker
 # would answer no sooner and queue the copy ahead of new work), or the least-loaded other one.
 REISSUE_TARGETS = ("idle", "least-loaded")
@@ -71,28 +79,3 @@ def get_mode(name: str) -> Mode:
     if name not in MODES:
         raise ConfigError(f"unknown mode {name!r}; choose one of {', '.join(MODES)}")
     return MODES[name]
-
-
-def decoder_config(
-    mode: Mode,
-    class_names: tuple[str, ...],
-    policy: DecoderPolicy = DecoderPolicy.CONFIDENT,
-    replicate_timeout: float = 0.1,
-    request_timeout: float = 5.0,
-    confident_at: float = 0.9,
-) -> DecoderConfig:
-    """The decoder settings that make the shared decoder behave as ``mode``."""
-    base = DecoderConfig(class_names, policy=policy, confident_at=confident_at)
-    if mode.reissue == "fixed":
-        return replace(base, primary_timeout=_fixed(replicate_timeout), max_reissues=1)
-    if mode.reissue == "p95":
-        p95 = AdaptiveTimeout(quantile=0.95, factor=1.0, floor=0.001, ceiling=request_timeout, initial=0.1)
-        return replace(base, primary_timeout=p95, max_reissues=1)
-    if mode.collage:
-        return base  # any policy; re-issue only when primary and collage are both late
-    # no redundancy: a failed worker's request is still retried once, but lateness alone is not
-    return replace(base, primary_timeout=_fixed(request_timeout), max_reissues=1)
-
-
-def _fixed(seconds: float) -> AdaptiveTimeout:
-    return AdaptiveTimeout(floor=seconds, ceiling=seconds, initial=seconds)

@@ -3,28 +3,22 @@ semantics, spec parsing, and real CPU contention."""
 
 from __future__ import annotations
 
-import argparse
-import math
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from collage_inference.errors import ConfigError
-from collage_inference.serving.slowdown import (
+from collage_inference.slowdown import (
     BimodalSampler,
-    CpuContention,
     ParetoSampler,
     Slowdown,
     TraceSampler,
-    add_slowdown_arguments,
     parse_sampler,
     parse_slowdown,
-    slowdown_from_args,
 )
 
-TRACE = Path(__file__).resolve().parents[4] / "shared" / "traces" / "cloud-latency-trace.npy"
+TRACE = Path(__file__).resolve().parents[3] / "shared" / "traces" / "cloud-latency-trace.npy"
 N = 200_000
 
 
@@ -189,37 +183,21 @@ def test_bad_slowdown_settings(kwargs: dict, message: str) -> None:
         Slowdown(BimodalSampler(), **kwargs)
 
 
-def test_cli_flags_build_the_slowdown() -> None:
-    parser = argparse.ArgumentParser()
-    add_slowdown_arguments(parser)
-    args = parser.parse_args(["--slowdown", "bimodal:0.1", "--slowdown-kind", "per-instance", "--seed", "3"])
-    slowdown = slowdown_from_args(args)
-    assert slowdown.kind == "per-instance" and slowdown.describe().startswith("bimodal:0.1 per-instance")
-    assert slowdown_from_args(parser.parse_args([])) is None
+def test_worker_flags_build_its_settings() -> None:
+    from collage_inference.serving.worker import build_parser, settings_from_args
 
-
-def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / 100.0  # utime + stime in clock ticks
-
-
-@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
-def test_cpu_contention_burns_its_fraction_and_stops() -> None:
-    contention = CpuContention(0.5, processes=1)
-    contention.start()
-    try:
-        (pid,) = contention.pids
-        time.sleep(0.3)  # let the interpreter start
-        before, start = _cpu_seconds(pid), time.monotonic()
-        time.sleep(1.0)
-        used = (_cpu_seconds(pid) - before) / (time.monotonic() - start)
-    finally:
-        contention.stop()
-    assert 0.1 < used < 0.8  # about half a core; loose, as other work on a busy machine takes its share
-    assert contention.pids == [] and not Path(f"/proc/{pid}").exists()  # exited and reaped
-
-
-@pytest.mark.parametrize("fraction", [0.0, -0.5, 1.5, math.nan])
-def test_contention_fraction_must_be_a_cpu_share(fraction: float) -> None:
-    with pytest.raises(ConfigError, match="CPU fraction"):
-        CpuContention(fraction)
+    argv = [
+        "--model",
+        "m.onnx",
+        "--slowdown",
+        "bimodal:0.1",
+        "--slowdown-kind",
+        "per-instance",
+        "--seed",
+        "3",
+    ]
+    settings = settings_from_args(build_parser().parse_args(argv))
+    assert settings.slowdown is not None and settings.slowdown.kind == "per-instance"
+    assert (settings.slowdown.spec, settings.slowdown.seed, settings.port) == ("bimodal:0.1", 3, 8001)
+    plain = settings_from_args(build_parser().parse_args(["--model", "m.onnx", "--max-body-mb", "1"]))
+    assert plain.slowdown is None and plain.limits.max_body_bytes == 2**20

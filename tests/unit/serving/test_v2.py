@@ -1,4 +1,4 @@
-"""Open Inference Protocol parse/render: round trips in both layouts, every refusal, and fuzzing."""
+"""KServe V2 parse/render (serving.v2): round trips in both layouts, every refusal, and fuzzing."""
 
 from __future__ import annotations
 
@@ -6,28 +6,27 @@ import contextlib
 import json
 
 import numpy as np
+import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from collage_inference.config import Limits
 from collage_inference.errors import PayloadTooLargeError, ProtocolError
-from collage_inference.serving.protocol import _JSON_DECODER as STANDARD_DECODER
-from collage_inference.serving.protocol import (
+from collage_inference.serving.v2 import (
     DATATYPES,
     HEADER_LENGTH,
     InferRequest,
     InferResponse,
     InferTensor,
-    Limits,
     RequestedOutput,
+    V2Parser,
     parse_infer_request,
     parse_infer_response,
-    render_column_response,
     render_infer_request,
     render_infer_response,
 )
-from collage_inference.serving.protocol import _decode_json as decode_json
 
 NUMERIC = [name for name in DATATYPES if name != "BYTES"]
 
@@ -126,27 +125,48 @@ def test_requested_outputs_and_binary_flags() -> None:
 
 
 def test_a_repeated_binary_header_reads_each_request_its_own_bytes_and_checks_them() -> None:
-    """The second request with the same JSON header is parsed from the kept template: its own
-    pixels, and the same refusals of a bad binary part as the first."""
+    """A parser keeps a binary request's checked header: the second request with the same header
+    gets its own pixels, and the same refusals of a bad binary part as the first."""
     first = np.arange(6, dtype=np.float32)
     request = InferRequest(None, (InferTensor.of("x", first),), binary_outputs=True)
     body, headers = render_infer_request(request)
     header_length = headers[HEADER_LENGTH]
     size = int(header_length)
-    np.testing.assert_array_equal(parse_infer_request(body, header_length).inputs[0].data, first)
+    parser = V2Parser()
+    np.testing.assert_array_equal(parser.parse_request(body, header_length).inputs[0].data, first)
     second = body[:size] + (first + 10).tobytes()
-    parsed = parse_infer_request(second, header_length)
+    parsed = parser.parse_request(second, header_length)
     np.testing.assert_array_equal(parsed.inputs[0].data, first + 10)
     assert parsed.binary_outputs and parsed.id is None
     with pytest.raises(ProtocolError, match="NaN"):
-        parse_infer_request(body[:size] + np.full(6, np.nan, np.float32).tobytes(), header_length)
-
+        parser.parse_request(body[:size] + np.full(6, np.nan, np.float32).tobytes(), header_length)
     with pytest.raises(ProtocolError, match="runs past"):
-        parse_infer_request(body[:-4], header_length)
+        parser.parse_request(body[:-4], header_length)
     with pytest.raises(ProtocolError, match="belong to no tensor"):
-        parse_infer_request(body + b"xx", header_length)
+        parser.parse_request(body + b"xx", header_length)
     with pytest.raises(PayloadTooLargeError, match="6 elements"):
-        parse_infer_request(body, header_length, Limits(max_elements=5))
+        V2Parser(Limits(max_elements=5)).parse_request(body, header_length)
+
+
+def test_the_header_cache_is_the_parsers_own_and_bounded() -> None:
+    """Each parser keeps at most ``cache`` binary headers; one holding JSON data is not kept (its
+    arrays would be shared); kept parameters are read-only."""
+    parser, other = V2Parser(cache=2), V2Parser(cache=2)
+    for n in range(1, 5):
+        request = InferRequest(str(n), (InferTensor.of("x", np.zeros(n, np.uint8)),), parameters={"n": n})
+        body, headers = render_infer_request(request)
+        parsed = parser.parse_request(body, headers[HEADER_LENGTH])
+        assert parsed.id == str(n) and parsed.parameters == {"n": n} and parsed.inputs[0].shape == (n,)
+        assert parser.parse_request(body, headers[HEADER_LENGTH]).parameters is parsed.parameters  # kept
+        with pytest.raises(TypeError):
+            parsed.parameters["n"] = 0  # type: ignore[index]
+    assert len(parser._heads) == 2 and len(other._heads) == 0
+    body = json_body(inputs=[tensor()])
+    assert parser.parse_request(body).inputs[0].data is not parser.parse_request(body).inputs[0].data
+    uncached = V2Parser(cache=0)
+    body, headers = render_infer_request(InferRequest(None, (InferTensor.of("x", np.zeros(1)),)))
+    uncached.parse_request(body, headers[HEADER_LENGTH])
+    assert len(uncached._heads) == 0
 
 
 @pytest.mark.parametrize("count", [3, 65, 1000], ids=["few", "just-many", "many"])
@@ -184,8 +204,8 @@ def test_responses_round_trip(binary: bool) -> None:
 
 
 def test_answers_with_the_same_outputs_read_their_own_parameters_and_bytes() -> None:
-    """A worker's answers differ in their timings only: the second is read with the kept output
-    layouts, yet gets its own parameters and values, and the same refusals as the first."""
+    """A worker's answers differ in their timings only: each gets its own parameters and values,
+    and the same refusals."""
 
     def answer(values: np.ndarray, queue_ms: float) -> tuple[bytes, str]:
         response = InferResponse("m", (InferTensor.of("p", values),), parameters={"queue_ms": queue_ms})
@@ -193,28 +213,82 @@ def test_answers_with_the_same_outputs_read_their_own_parameters_and_bytes() -> 
         return body, headers[HEADER_LENGTH]
 
     first = np.full((1, 4), 0.25, np.float32)
+    parser = V2Parser()
     for values, queue_ms in ((first, 0.5), (first / 2, 12.125)):
-        parsed = parse_infer_response(*answer(values, queue_ms))
+        parsed = parser.parse_response(*answer(values, queue_ms))
         assert parsed.parameters == {"queue_ms": queue_ms}
         np.testing.assert_array_equal(parsed.output("p").data, values)
+    assert len(parser._outputs) == 1  # both answers read with one kept output list
     body, header_length = answer(first, 1.0)
     with pytest.raises(PayloadTooLargeError, match="4 elements"):
-        parse_infer_response(body, header_length, Limits(max_elements=3))
+        V2Parser(Limits(max_elements=3)).parse_response(body, header_length)
     with pytest.raises(ProtocolError, match="NaN"):
-        parse_infer_response(answer(np.full((1, 4), np.nan, np.float32), 1.0)[0], header_length)
+        parser.parse_response(answer(np.full((1, 4), np.nan, np.float32), 1.0)[0], header_length)
     with pytest.raises(ProtocolError, match="runs past"):
-        parse_infer_response(body[:-4], header_length)
+        parser.parse_response(body[:-4], header_length)
+    with pytest.raises(ProtocolError, match="belong to no tensor"):
+        parser.parse_response(body + b"x", header_length)
 
 
-def test_outputs_that_json_writes_alike_are_not_confused() -> None:
-    """1e400 reads as infinity, which orjson writes as null: such outputs are read afresh."""
-    for scale in (b"1e400", b"null", b"1e400"):
+def test_kept_outputs_are_told_apart_by_every_field_and_json_data_is_not_kept() -> None:
+    parser = V2Parser(cache=4)
+    for datatype, shape, size in (
+        ("FP32", [1, 2], 8),
+        ("FP32", [2, 1], 8),
+        ("INT32", [1, 2], 8),
+        ("FP64", [2], 16),
+    ):
+        header = orjson.dumps(
+            {
+                "model_name": "m",
+                "outputs": [tensor("p", datatype, shape, None, parameters={"binary_data_size": size})],
+            }
+        )
+        raw = np.arange(2, dtype=DATATYPES[datatype]).tobytes()
+        got = parser.parse_response(header + raw, len(header)).output("p")
+        assert (got.datatype, got.shape, got.data.ravel().tolist()) == (datatype, tuple(shape), [0, 1])
+    assert len(parser._outputs) == 4
+    body = json_body(model_name="m", outputs=[tensor("p", "INT32", (2,), (1, 2))])
+    first, again = parser.parse_response(body), parser.parse_response(body)
+    assert first.output("p").data is not again.output("p").data and len(parser._outputs) == 4
+
+
+def test_outputs_nested_deeper_than_orjson_writes_are_parsed_not_kept() -> None:
+    deep: object = 1
+    for _ in range(300):
+        deep = [deep]
+    output = tensor("p", shape=(0,), data=None, parameters={"x": deep, "binary_data_size": 0})
+    body = json.dumps({"model_name": "m", "outputs": [output]}).encode()
+    parser = V2Parser()
+    assert parser.parse_response(body, len(body)).output("p").shape == (0,)
+    assert len(parser._outputs) == 0
+
+
+def test_parsed_parameters_are_read_only_and_list_columns_are_1d() -> None:
+    body, headers = render_infer_request(
+        InferRequest(None, (InferTensor("x", "UINT8", (1,), np.zeros(1, np.uint8), {"scale": 2}),))
+    )
+    (x,) = V2Parser().parse_request(body, headers[HEADER_LENGTH]).inputs
+    assert x.parameters == {"scale": 2, "binary_data_size": 1}
+    with pytest.raises(TypeError):
+        x.parameters["scale"] = 3  # type: ignore[index]
+    column = InferTensor.column("label", "INT64", [3, 1, 4])
+    assert (column.shape, column.data) == ((3,), [3, 1, 4])
+
+
+def test_numbers_beyond_float_range_are_malformed_json() -> None:
+    """orjson refuses 1e400 (it would read as infinity) anywhere in a header, parameters included."""
+    for scale in (b"1e400", b"null", b"-1e400"):
         header = (
             b'{"model_name":"m","outputs":[{"name":"p","datatype":"FP32","shape":[1],'
             b'"parameters":{"binary_data_size":4,"scale":' + scale + b"}}]}"
         )
-        parsed = parse_infer_response(header + np.ones(1, np.float32).tobytes(), len(header))
-        assert parsed.output("p").parameters["scale"] == (None if scale == b"null" else float("inf"))
+        body = header + np.ones(1, np.float32).tobytes()
+        if scale == b"null":
+            assert parse_infer_response(body, len(header)).output("p").parameters["scale"] is None
+        else:
+            with pytest.raises(ProtocolError, match="malformed.*infinity"):
+                parse_infer_response(body, len(header))
 
 
 def test_json_response_content_type() -> None:
@@ -231,7 +305,12 @@ BAD_REQUESTS = {
     "NaN literal": (
         b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [NaN]}]}',
         None,
-        "NaN",
+        "malformed.*NaN",
+    ),
+    "Infinity literal": (
+        b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [Infinity]}]}',
+        None,
+        "malformed.*Infinity",
     ),
     "unknown top field": (json_body(inputs=[tensor()], model="m"), None, "unknown field.*'model'"),
     "no inputs": (json_body(outputs=[]), None, 'non-empty "inputs"'),
@@ -243,7 +322,7 @@ BAD_REQUESTS = {
         None,
         "binary_data_output",
     ),
-    "tensor not object": (json_body(inputs=[5]), None, "tensor object"),
+    "tensor not object": (json_body(inputs=[5]), None, r"inputs\[0\] must be an object"),
     "unknown tensor field": (json_body(inputs=[tensor(content=1)]), None, "unknown field.*'content'"),
     "missing name": (json_body(inputs=[{"datatype": "FP32", "shape": [1], "data": [1]}]), None, '"name"'),
     "duplicate input": (json_body(inputs=[tensor(), tensor()]), None, "appears twice"),
@@ -258,19 +337,36 @@ BAD_REQUESTS = {
     "float for int": (json_body(inputs=[tensor(datatype="INT32", data=[1.5, 2])]), None, "integers"),
     "bool for int": (json_body(inputs=[tensor(datatype="INT32", data=[True, False])]), None, "integers"),
     "int out of range": (json_body(inputs=[tensor(datatype="UINT8", data=[0, 256])]), None, r"\[0, 255\]"),
-    "huge int": (json_body(inputs=[tensor(datatype="INT64", data=[2**70, 1])]), None, "integers"),
+    "huge int": (
+        json_body(inputs=[tensor(datatype="INT64", data=[2**70, 1])]),
+        None,
+        "integers past 64 bits",
+    ),
+    "int64 past its max": (json_body(inputs=[tensor(datatype="INT64", data=[2**63, 1])]), None, "integers"),
+    "uint64 past 64 bits": (json_body(inputs=[tensor(datatype="UINT64", data=[2**64, 1])]), None, "integers"),
+    "uint64 negative": (
+        json_body(inputs=[tensor(datatype="UINT64", data=[2**64 - 1, -1])]),
+        None,
+        "integers",
+    ),
     "number for bool": (json_body(inputs=[tensor(datatype="BOOL", data=[1, 0])]), None, "true/false"),
     "number for bytes": (json_body(inputs=[tensor(datatype="BYTES", data=[1, 2])]), None, "strings"),
     "lone surrogate": (
         b'{"inputs": [{"name": "s", "datatype": "BYTES", "shape": [1], "data": ["\\ud800"]}]}',
         None,
-        "surrogate",
+        "malformed.*surrogate",
     ),
     "infinite float": (
         b'{"inputs": [{"name": "x", "datatype": "FP64", "shape": [1], "data": [1e400]}]}',
         None,
-        "NaN or inf",
+        "malformed.*infinity",
     ),
+    "ragged bytes": (
+        json_body(inputs=[tensor(datatype="BYTES", shape=(2,), data=[["a", "b"], ["c"]])]),
+        None,
+        "BYTES data in JSON must be strings",
+    ),
+    "null parameters": (json_body(inputs=[tensor()], parameters=None), None, '"parameters".*object'),
     "fp16 overflow": (json_body(inputs=[tensor(datatype="FP16", data=[1.0, 1e6])]), None, "too large"),
     "outputs not list": (json_body(inputs=[tensor()], outputs={"name": "y"}), None, '"outputs"'),
     "output twice": (json_body(inputs=[tensor()], outputs=[{"name": "y"}, {"name": "y"}]), None, "twice"),
@@ -283,7 +379,11 @@ BAD_REQUESTS = {
     "header length not int": (json_body(inputs=[tensor()]), "ten", "must be an integer"),
     "header length too big": (json_body(inputs=[tensor()]), "100000", "outside the body"),
     "header length negative": (json_body(inputs=[tensor()]), "-1", "outside the body"),
-    "header length cuts JSON": (json_body(inputs=[tensor()]), "5", r"malformed \(is Inference-Header"),
+    "header length cuts JSON": (
+        json_body(inputs=[tensor()]),
+        "5",
+        "malformed.*is Inference-Header-Content-Length right",
+    ),
     "stray binary bytes": (json_body(inputs=[tensor()]) + b"xx", "JSONLEN", "belong to no tensor"),
 }
 
@@ -381,25 +481,63 @@ def test_bad_responses_are_refused() -> None:
 def test_rendering_refuses_nan_in_parameters(where: str) -> None:
     nan = {"timings": [1.0, float("nan")]}
     x = InferTensor.of("x", np.zeros(1, np.float32))
+    column = InferTensor.column("x", "FP32", [0.0])
     render = {
         "request": lambda: render_infer_request(InferRequest(None, (x,), parameters=nan)),
         "response": lambda: render_infer_response(InferResponse("m", (x,), parameters=nan)),
-        "columns": lambda: render_column_response("m", [("x", "FP32", [0.0])], parameters=nan),
+        "columns": lambda: render_infer_response(
+            InferResponse("m", (column,), parameters={"a": {"b": -np.inf}})
+        ),
         "tensor": lambda: render_infer_response(
             InferResponse("m", (InferTensor("x", "FP32", (1,), x.data, nan),))
         ),
     }[where]
-    with pytest.raises(ProtocolError, match="JSON.*nan"):
+    with pytest.raises(ProtocolError, match="JSON.*(nan|inf)"):
         render()
 
 
-def test_column_response_refuses_values_its_datatype_cannot_hold() -> None:
-    with pytest.raises(ProtocolError, match="INT8"):
-        render_column_response("m", [("x", "INT8", [300])], InferRequest(None, (), binary_outputs=True))
+@pytest.mark.parametrize(
+    "parameters",
+    [{"n": np.float32(1.0)}, {"n": np.int64(1)}, {"n": 2**64}, {"n": -(2**63) - 1}, {1: "key not a string"}],
+)
+def test_rendering_refuses_what_orjson_cannot_write(parameters: dict) -> None:
+    x = InferTensor.of("x", np.zeros(1, np.float32))
+    with pytest.raises(ProtocolError, match="cannot render the payload as JSON"):
+        render_infer_request(InferRequest(None, (x,), parameters=parameters))
+    with pytest.raises(ProtocolError, match="cannot render the payload as JSON"):
+        render_infer_response(InferResponse("m", (x,), parameters=parameters))
+
+
+def test_list_columns_refuse_values_their_datatype_cannot_hold() -> None:
+    for request in (InferRequest(None, (), binary_outputs=True), None):  # checked in JSON as in binary
+        for datatype, values in (("INT8", [300]), ("UINT8", [-1]), ("INT64", [1.5]), ("FP32", [1e39])):
+            response = InferResponse("m", (InferTensor.column("x", datatype, values),))
+            with pytest.raises(ProtocolError, match=f"no {datatype}"):
+                render_infer_response(response, request)
     with pytest.raises(ProtocolError, match="JSON"):
-        render_column_response("m", [("x", "FP64", [float("inf")])])
+        render_infer_response(InferResponse("m", (InferTensor.column("x", "FP64", [float("inf")]),)))
     with pytest.raises(ProtocolError, match="binary"):
-        render_column_response("m", [("s", "BYTES", [b"\xff"])])
+        render_infer_response(InferResponse("m", (InferTensor.column("s", "BYTES", [b"\xff"]),)))
+
+
+def test_the_front_ends_answer_renders_as_arrays_of_its_values_would() -> None:
+    """label INT64, class_name BYTES, confidence FP32 (in JSON, as float32 gives it back), source BYTES."""
+    columns = [("label", "INT64", [3, 7]), ("class_name", "BYTES", [b"three", b"seven"])]
+    columns += [("confidence", "FP32", [0.1, 0.87654321]), ("source", "BYTES", [b"collage", b"scnn"])]
+    parameters = {"latency_ms": [12.345, 3.0], "queue_ms": [0.5, None]}
+    for request in (None, InferRequest(None, (), binary_outputs=True)):
+        lists = InferResponse("m", tuple(InferTensor.column(*c) for c in columns), "i", "1", parameters)
+        arrays = tuple(InferTensor.of(n, np.array(v, DATATYPES[d])) for n, d, v in columns)
+        body, headers = render_infer_response(lists, request)
+        assert (body, headers) == render_infer_response(
+            InferResponse("m", arrays, "i", "1", parameters), request
+        )
+        parsed = parse_infer_response(body, headers.get(HEADER_LENGTH))
+        assert parsed.output("confidence").data.tolist() == np.array([0.1, 0.87654321], np.float32).tolist()
+        assert parsed.output("class_name").data.tolist() == [b"three", b"seven"]
+        assert parsed.output("label").data.tolist() == [3, 7]
+        if request is None:
+            assert b'"data":[0.10000000149011612,0.8765432238578796]' in body
 
 
 def test_rendering_refuses_what_json_cannot_hold() -> None:
@@ -409,6 +547,24 @@ def test_rendering_refuses_what_json_cannot_hold() -> None:
         render_infer_request(InferRequest(None, (InferTensor.of("x", np.array([np.nan])),)), False)
     with pytest.raises(ProtocolError, match="no V2 datatype"):
         InferTensor.of("c", np.zeros(2, np.complex64))
+
+
+@pytest.mark.parametrize("number", [2**64, -(2**63) - 1, 10**30, -(10**20)])
+def test_integers_past_64_bits_read_as_floats_and_integer_tensors_refuse_them(number: int) -> None:
+    """orjson reads an integer past 64 bits as a float: a float tensor gets that float, an integer
+    tensor refuses it rather than hold a rounded value."""
+    fp64 = json_body(inputs=[tensor(datatype="FP64", shape=(1,), data=[number])])
+    assert parse_infer_request(fp64).inputs[0].data.tolist() == [float(number)]
+    for datatype in ("INT64", "UINT64"):
+        body = json_body(inputs=[tensor(datatype=datatype, shape=(1,), data=[number])])
+        with pytest.raises(ProtocolError, match=f"{datatype} data must be integers"):
+            parse_infer_request(body)
+
+
+def test_the_64_bit_integer_extremes_read_exactly() -> None:
+    for datatype, values in (("UINT64", [2**64 - 1, 0, 2**63]), ("INT64", [-(2**63), 2**63 - 1])):
+        body = json_body(inputs=[tensor(datatype=datatype, shape=(len(values),), data=values)])
+        assert parse_infer_request(body).inputs[0].data.tolist() == values
 
 
 # --- fuzzing: whatever arrives, the parsers raise ProtocolError or succeed ------------------------
@@ -446,10 +602,17 @@ documents = st.fixed_dictionaries(
 )
 
 
+FUZZ_LIMITS = Limits(max_body_bytes=10_000, max_elements=10_000)
+SHARED = V2Parser(FUZZ_LIMITS, cache=8)  # kept headers and outputs carried from example to example
+
+
 def _parses_or_protocol_error(body: bytes, header_length: str | None) -> None:
     for parse in (parse_infer_request, parse_infer_response):
         with contextlib.suppress(ProtocolError):  # anything else fails the test
-            parse(body, header_length, Limits(max_body_bytes=10_000, max_elements=10_000))
+            parse(body, header_length, FUZZ_LIMITS)
+    for parse_cached in (SHARED.parse_request, SHARED.parse_response) * 2:  # the second from what was kept
+        with contextlib.suppress(ProtocolError):
+            parse_cached(body, header_length)
 
 
 @FUZZ
@@ -515,10 +678,10 @@ columns = st.lists(
         st.text(max_size=4), st.lists(st.floats(allow_nan=False, allow_infinity=False)), max_size=2
     ),
 )
-def test_fuzz_column_response_renders_as_the_tensor_response(
+def test_fuzz_list_columns_render_as_arrays(
     columns: list[tuple[str, list]], binary: bool, ident: str | None, parameters: dict
 ) -> None:
-    """The front end's fast renderer writes the same bytes the general one does."""
+    """A list column renders the bytes an array of the same values does."""
     named = [(f"out{i}", datatype, values) for i, (datatype, values) in enumerate(columns)]
     if not binary:  # JSON holds BYTES only as UTF-8 text
         named = [
@@ -526,32 +689,54 @@ def test_fuzz_column_response_renders_as_the_tensor_response(
             for n, d, values in named
         ]
     request = InferRequest(None, (), binary_outputs=binary)
-    tensors = tuple(
+    arrays = tuple(
         InferTensor(n, d, (len(v),), np.array(v, dtype=DATATYPES[d]).reshape(len(v))) for n, d, v in named
     )
-    expected = render_infer_response(InferResponse("m", tensors, ident, "1", parameters), request)
-    assert (
-        render_column_response("m", named, request, model_version="1", id=ident, parameters=parameters)
-        == expected
+    lists = tuple(InferTensor.column(n, d, v) for n, d, v in named)
+    expected = render_infer_response(InferResponse("m", arrays, ident, "1", parameters), request)
+    assert render_infer_response(InferResponse("m", lists, ident, "1", parameters), request) == expected
+
+
+json_parameters = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=5),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=20,
+)
+
+
+@FUZZ
+@given(parameters=st.dictionaries(st.text(max_size=8), json_parameters, max_size=4), binary=st.booleans())
+def test_fuzz_parameters_read_back_exactly(parameters: dict, binary: bool) -> None:
+    """Free-form parameters that JSON and 64 bits can hold come back as they were sent."""
+    parsed = round_trip(
+        InferRequest("r", (InferTensor.of("x", np.zeros(2, np.float32)),), parameters=parameters), binary
     )
+    assert parsed.parameters == parameters
 
 
-@pytest.mark.parametrize("number", [2**64, -(2**63) - 1, 10**30, -(10**19)])
-def test_integers_past_64_bits_are_read_exactly(number: int) -> None:
-    doc = decode_json(b'{"n": [%d], "x": 0.5}' % number)
-    assert type(doc["n"][0]) is int and doc == {"n": [number], "x": 0.5}
+def _as_orjson_reads(value: object) -> object:
+    """What orjson makes of a value json.dumps wrote: integers past 64 bits become floats."""
+    if isinstance(value, dict):
+        return {k: _as_orjson_reads(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_as_orjson_reads(v) for v in value]
+    return float(value) if type(value) is int and not -(2**63) <= value < 2**64 else value
 
 
 @FUZZ
 @given(doc=json_values)
-def test_fuzz_fast_json_reads_as_the_standard_library(doc: object) -> None:
-    """orjson, with the standard decoder behind it, reads every document as json.loads does,
-    lone surrogates and integers past 64 bits included."""
-    raw = json.dumps(doc).encode()
+def test_fuzz_what_the_standard_library_writes_is_read_or_refused_as_malformed(doc: object) -> None:
+    """Lone surrogates and Infinity (json.dumps writes both) are malformed JSON; the rest reads
+    back, integers past 64 bits as floats."""
+    raw = json.dumps({"inputs": [tensor()], "parameters": {"v": doc}}).encode()
     try:
-        expected = STANDARD_DECODER.decode(raw.decode())
-    except ProtocolError:  # Infinity: refused by both
-        with pytest.raises(ProtocolError, match="Infinity"):
-            decode_json(raw)
-        return
-    assert decode_json(raw) == expected
+        json.dumps(doc, ensure_ascii=False, allow_nan=False).encode()
+    except (UnicodeEncodeError, ValueError):  # a lone surrogate; an infinity
+        with pytest.raises(ProtocolError, match="malformed"):
+            parse_infer_request(raw)
+    else:
+        assert parse_infer_request(raw).parameters["v"] == _as_orjson_reads(doc)

@@ -1,0 +1,365 @@
+"""Requests, responses, the route table and the one mapping from failures to HTTP answers.
+
+A service declares its endpoints once, as data: a :class:`Router` built from :class:`Route`
+entries. Whatever serves them (the HTTP server of :mod:`.server`, a test calling
+:meth:`Router.handle` directly) sees the same table, the same token check and the same error
+answers, so a client cannot tell one entry point from another.
+
+:func:`error_response` is the single place where exceptions become HTTP answers
+(``{"error": message}`` with the status the :class:`ServingError` subclass names, a
+``Retry-After`` on 429 and 503), so a bad request never takes a server down.
+:func:`check_token` guards a service with an optional shared bearer token, :func:`load_token`
+finds it. :func:`run` runs a server's (or a client's) main coroutine on uvloop where it is
+installed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import os
+import re
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, TypeVar
+
+import orjson
+
+from collage_inference.errors import (
+    CollageError,
+    ConfigError,
+    MethodNotAllowedError,
+    NotFoundError,
+    PayloadTooLargeError,
+    ServingError,
+    UnauthorizedError,
+)
+
+log = logging.getLogger("collage_inference.serving")
+T = TypeVar("T")
+TOKEN_ENV = "COLLAGE_TOKEN"
+RETRY_AFTER_S = "1"
+# Orchestrators probe liveness and readiness without credentials; they reveal nothing.
+OPEN_PATHS = frozenset({"/v2/health/live", "/v2/health/ready"})
+METHODS = frozenset({"GET", "POST", "PUT", "DELETE", "PATCH"})
+
+
+class _Empty(Mapping[str, str]):
+    """An empty mapping that is immutable and hashable, so it can be a dataclass default."""
+
+    def __getitem__(self, key: str) -> str:
+        raise KeyError(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(())
+
+    def __len__(self) -> int:
+        return 0
+
+    def __hash__(self) -> int:
+        return 0
+
+    def __repr__(self) -> str:
+        return "EMPTY"
+
+
+EMPTY: Mapping[str, str] = _Empty()
+
+
+class BodyBuffer:
+    """A request body read piece by piece under its size limit: the one place where a body's
+    size is checked, for the HTTP server and the Ray Serve ingress alike. A body that arrives
+    in one piece is kept as it came, not copied."""
+
+    __slots__ = ("limit", "size", "_first", "_more")
+
+    def __init__(self, limit: int, declared: int | None = None) -> None:
+        """``declared``: the Content-Length, refused at once when it exceeds ``limit``."""
+        if declared is not None and declared > limit:
+            raise PayloadTooLargeError(f"the body of {declared} bytes exceeds {limit} bytes")
+        self.limit, self.size = limit, 0
+        self._first = b""
+        self._more: bytearray | None = None
+
+    def add(self, chunk: bytes) -> None:
+        self.size += len(chunk)
+        if self.size > self.limit:
+            raise PayloadTooLargeError(f"the body exceeds the limit of {self.limit} bytes")
+        if self._more is not None:
+            self._more += chunk
+        elif self._first:
+            self._more = bytearray(self._first)
+            self._more += chunk
+        else:
+            self._first = chunk
+
+    def bytes(self) -> bytes:
+        return self._first if self._more is None else bytes(self._more)
+
+
+# Requests and answers are frozen, but built once or twice per request: their __init__ sets the
+# slots through their descriptors, at about half the cost of the generated one, which goes
+# through object.__setattr__ for every field.
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Request:
+    """One whole request: the server reads the body, within the limits, before a handler runs.
+
+    ``path`` is as sent (no percent-decoding), without the query string; header names are in
+    lower case and a repeated header's values are joined with ``", "``. ``params`` holds the
+    values of the route's ``{param}`` segments.
+    """
+
+    method: str
+    path: str
+    query: str
+    headers: Mapping[str, str]
+    body: bytes
+    params: Mapping[str, str] = EMPTY
+
+    def __init__(
+        self,
+        method: str,
+        path: str,
+        query: str,
+        headers: Mapping[str, str],
+        body: bytes,
+        params: Mapping[str, str] = EMPTY,
+    ) -> None:
+        _set_method(self, method)
+        _set_path(self, path)
+        _set_query(self, query)
+        _set_request_headers(self, headers)
+        _set_request_body(self, body)
+        _set_params(self, params)
+
+
+_set_method, _set_path, _set_query, _set_request_headers, _set_request_body, _set_params = (
+    Request.__dict__[name].__set__ for name in ("method", "path", "query", "headers", "body", "params")
+)
+_JSON = MappingProxyType({"Content-Type": "application/json"})
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Response:
+    """An answer. The server adds Content-Length, Date, Server and, when it closes, Connection."""
+
+    body: bytes = b""
+    status: int = 200
+    headers: Mapping[str, str] = EMPTY
+
+    def __init__(self, body: bytes = b"", status: int = 200, headers: Mapping[str, str] = EMPTY) -> None:
+        _set_body(self, body)
+        _set_status(self, status)
+        _set_headers(self, headers)
+
+    @classmethod
+    def json(cls, doc: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> Response:
+        """``doc`` as JSON (orjson: numpy arrays and dataclasses too)."""
+        body = orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
+        return cls(body, status, _JSON if headers is None else {**_JSON, **headers})
+
+    @classmethod
+    def text(cls, text: str, status: int = 200, content_type: str = "text/plain; charset=utf-8") -> Response:
+        return cls(text.encode(), status, {"Content-Type": content_type})
+
+
+_set_body, _set_status, _set_headers = (
+    Response.__dict__[name].__set__ for name in ("body", "status", "headers")
+)
+
+
+Handler = Callable[[Request], Response | Awaitable[Response]]
+
+
+@dataclass(frozen=True)
+class Route:
+    """``method`` (a GET route answers HEAD too) on ``path``, whose segments are literal or a
+    whole ``{param}`` each, as in ``/v2/models/{name}/infer``."""
+
+    method: str
+    path: str
+    handler: Handler
+
+
+_Table = dict[str, Handler]  # method -> handler, for one path
+
+
+class Router:
+    """One service's endpoints, declared once as data; every entry point serves this table.
+
+    Exact paths are looked up in a dict, the hot path; paths with ``{param}`` segments are
+    matched after, in declaration order, by precompiled patterns. ``on_status`` sees the status
+    of every answer, refusals included (a service counts them).
+    """
+
+    def __init__(
+        self,
+        routes: Iterable[Route],
+        *,
+        token: str | None = None,
+        on_status: Callable[[int], None] | None = None,
+    ) -> None:
+        self._routes = tuple(routes)
+        self._token = token
+        self._on_status = on_status
+        self._exact: dict[str, _Table] = {}
+        patterns: dict[str, _Table] = {}
+        for route in self._routes:
+            if route.method not in METHODS:
+                raise ConfigError(f"route {route.path}: {route.method!r} is not one of {sorted(METHODS)}")
+            table = (patterns if "{" in route.path else self._exact).setdefault(route.path, {})
+            if route.method in table:
+                raise ConfigError(f"route {route.method} {route.path} is declared twice")
+            table[route.method] = route.handler
+        for table in (*self._exact.values(), *patterns.values()):
+            if "GET" in table:
+                table["HEAD"] = table["GET"]  # the server sends the head of the GET answer only
+        self._patterns = [(_compile(path), table) for path, table in patterns.items()]
+
+    @property
+    def routes(self) -> tuple[Route, ...]:
+        return self._routes
+
+    def handle(self, request: Request) -> Response | Awaitable[Response]:
+        """The answer to ``request``; never raises, every failure is an error answer.
+
+        A handler that answers at once is answered at once, without a coroutine or a task: a
+        worker answers small batches inline on its hot path. An awaitable answer comes back
+        as one coroutine that turns its failures into error answers too.
+        """
+        try:
+            if self._token is not None:
+                check_token(request.path, request.headers.get("authorization"), self._token)
+            table = self._exact.get(request.path)
+            if table is None:
+                table, request = self._match(request)
+            handler = table.get(request.method)
+            if handler is None:
+                allow = ", ".join(sorted(table))
+                error = MethodNotAllowedError(f"{request.method} is not allowed on {request.path}: {allow}")
+                response = self.error(error, f"{request.method} {request.path}")
+                return Response(response.body, response.status, {**response.headers, "Allow": allow})
+            result = handler(request)
+        except Exception as exc:
+            return self.error(exc, f"{request.method} {request.path}")
+        if isinstance(result, Response):
+            if self._on_status is not None:
+                self._on_status(result.status)
+            return result
+        return self._later(result, request)
+
+    def error(self, exc: BaseException, what: str) -> Response:
+        """The error answer to ``exc``, counted like every answer; servers answer their own
+        refusals (bad framing, limits, timeouts) through it."""
+        response = error_response(exc, what)
+        if self._on_status is not None:
+            self._on_status(response.status)
+        return response
+
+    async def _later(self, pending: Awaitable[Response], request: Request) -> Response:
+        try:
+            response = await pending
+            if not isinstance(response, Response):
+                raise TypeError(f"the handler of {request.path} answered {type(response).__name__}")
+        except Exception as exc:
+            return self.error(exc, f"{request.method} {request.path}")
+        if self._on_status is not None:
+            self._on_status(response.status)
+        return response
+
+    def _match(self, request: Request) -> tuple[_Table, Request]:
+        for pattern, table in self._patterns:
+            found = pattern.fullmatch(request.path)
+            if found is not None:
+                params = found.groupdict()
+                return table, Request(
+                    request.method, request.path, request.query, request.headers, request.body, params
+                )
+        raise NotFoundError(f"no endpoint at {request.path}")
+
+
+def _compile(path: str) -> re.Pattern[str]:
+    """The pattern of a route path: a ``{name}`` segment matches one non-empty segment."""
+    parts = []
+    for segment in path.split("/"):
+        if segment.startswith("{") and segment.endswith("}") and segment[1:-1].isidentifier():
+            parts.append(f"(?P<{segment[1:-1]}>[^/]+)")
+        elif "{" in segment or "}" in segment:
+            raise ConfigError(f"route {path}: a parameter must be a whole segment, as in /models/{{name}}")
+        else:
+            parts.append(re.escape(segment))
+    return re.compile("/".join(parts))
+
+
+def error_response(exc: BaseException, what: str = "a request") -> Response:
+    """The answer to a failure: the one mapping, for every server and entry point.
+
+    A :class:`ServingError` answers its own status and message; another :class:`CollageError`
+    is a 500 with its message, logged; anything else is a bug: a 500 that reveals nothing,
+    logged with its traceback.
+    """
+    headers = dict(_JSON)
+    if isinstance(exc, ServingError):
+        status, message = exc.status, str(exc)
+    elif isinstance(exc, CollageError):
+        log.error("request failed: %s", exc)
+        status, message = 500, str(exc)
+    else:
+        log.error("unexpected error serving %s", what, exc_info=exc)
+        status, message = 500, "internal error; see the server log"
+    if status in (429, 503):
+        headers["Retry-After"] = RETRY_AFTER_S
+    elif status == 401:
+        headers["WWW-Authenticate"] = 'Bearer realm="collage-inference"'
+    return Response(orjson.dumps({"error": message}), status, headers)
+
+
+def check_token(path: str, authorization: str | None, token: str | None) -> None:
+    """Raise 401 unless ``token`` is unset, ``path`` is a health check, or the Authorization
+    header is ``Bearer <token>``.
+
+    The comparison takes constant time, so response timing does not reveal how much of a
+    guess was right; neither the token nor the header sent is ever logged.
+    """
+    if token is None or path in OPEN_PATHS:
+        return
+    if not hmac.compare_digest((authorization or "").encode(), f"Bearer {token}".encode()):
+        raise UnauthorizedError(
+            "missing or wrong bearer token; send the header 'Authorization: Bearer <token>' "
+            f"with the token the server was started with (${TOKEN_ENV} or --token-file)"
+        )
+
+
+def load_token(token_file: Path | str | None = None) -> str | None:
+    """The shared token: from ``token_file`` if given, else ``$COLLAGE_TOKEN``; None if neither.
+
+    Never from a command-line value: arguments are visible to every user in ``ps``.
+    """
+    if token_file is not None:
+        try:
+            token = Path(token_file).read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"cannot read the token file {token_file}: {exc.strerror}") from exc
+        if not token:
+            raise ConfigError(f"the token file {token_file} is empty; put the shared token in it")
+    else:
+        token = os.environ.get(TOKEN_ENV) or ""
+    if any(c.isspace() or not c.isprintable() for c in token):
+        where = token_file or f"${TOKEN_ENV}"
+        raise ConfigError(f"the token in {where} holds spaces or control characters; use one word")
+    return token or None
+
+
+def run(main: Coroutine[Any, Any, T]) -> T:
+    """Run ``main`` on uvloop where it is installed (its event loop and transports are in C:
+    less CPU per request, which on a small machine is latency), else on asyncio's loop."""
+    try:
+        import uvloop
+    except ImportError:
+        uvloop = None  # and not run ``main`` inside this handler: its errors would chain to it
+    return asyncio.run(main) if uvloop is None else uvloop.run(main)
