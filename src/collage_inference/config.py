@@ -629,6 +629,24 @@ def add_frontend_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--collage", action="append", metavar="URL#MODEL", help="a collage V2 server (repeat)")
 
 
+def add_slowdown_arguments(group: argparse._ActionsContainer) -> None:
+    """The straggler-injection flags of every command that starts workers (``[slowdown]`` keys)."""
+    group.add_argument(
+        "--slowdown", help="delay sampler: none, bimodal[:SCALE], trace:PATH[:SCALE], pareto:..."
+    )
+    group.add_argument("--slowdown-kind", choices=KINDS, help="how delays apply (default per-request)")
+    group.add_argument("--seed", type=int, help="seed of the delays (worker i of a cluster: seed + i)")
+    group.add_argument("--contention", type=float, help="CPU fraction burnt beside each slow worker")
+    group.add_argument("--slow-onset-rate", type=float, help="per-instance: slow periods per second")
+    group.add_argument("--slow-period", type=float, help="per-instance: mean slow period, seconds")
+
+
+def slowdown_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The values of :func:`add_slowdown_arguments`' flags given, by ``[slowdown]`` key."""
+    flags = {k: f for k, f in SLOWDOWN_FLAGS.items() if k not in ("workers", "collage")}
+    return {key: getattr(args, flag) for key, flag in flags.items() if getattr(args, flag) is not None}
+
+
 FRONTEND_FLAG_KEYS = (
     "mode", "grid", "policy", "confident_at", "group_timeout", "request_timeout", "replicate_timeout",
     "reissue_to", "max_pending", "model_name", "host", "port", "token_file", "scnn", "collage",

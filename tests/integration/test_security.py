@@ -85,3 +85,41 @@ def test_a_protected_cluster_passes_the_token_by_file_only(models_dir: Path, tmp
         assert status == 401, payload
         assert call("GET", f"{url}/metrics", headers={"Authorization": f"Bearer {TOKEN}"})[0] == 200
         assert call("GET", f"{cluster.worker_urls[0]}/v2/models/scnn")[0] == 401  # workers too
+
+
+@pytest.fixture(scope="module")
+def frontend_url(models_dir: Path):
+    with LocalCluster(ServeConfig(mode="none", grid=2, models_dir=models_dir, port=0)) as cluster:
+        yield cluster.url
+
+
+def _v2(tensor: dict, header_length: int | None = None) -> tuple[bytes, dict[str, str]]:
+    body = json.dumps({"inputs": [tensor]}).encode()
+    return body, ({"Inference-Header-Content-Length": str(header_length)} if header_length else {})
+
+
+HOSTILE = {
+    "bad JSON": (b"{not json", {}, 400),
+    "wrong dtype": (*_v2({"name": "image", "datatype": "FP32", "shape": [2, 2], "data": [0.1] * 4}), 400),
+    "wrong shape": (
+        *_v2({"name": "image", "datatype": "UINT8", "shape": [2, 2, 2, 2, 2], "data": [0] * 32}),
+        400,
+    ),
+    "huge shape": (*_v2({"name": "image", "datatype": "UINT8", "shape": [2**20, 2**20], "data": [0]}), 413),
+    "lying binary header": (
+        *_v2({"name": "image", "datatype": "UINT8", "shape": [4]}, header_length=10**6),
+        400,
+    ),
+    "64 MiB body without 100-continue": (b"x" * (64 * 2**20), {}, 413),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_hostile_input_gets_a_4xx_every_client_reads_and_the_front_end_serves_on(frontend_url, case) -> None:
+    body, headers, status = HOSTILE[case]
+    # urllib sends the whole body before it reads the answer: it must still read the status
+    got, _, payload = call("POST", f"{frontend_url}/v2/models/classifier/infer", body, headers)
+    assert got == status, (case, payload[:200])
+    assert json.loads(payload)["error"]
+    assert call("GET", f"{frontend_url}/v2/models/nope")[0] == 404  # unknown model
+    assert call("POST", f"{frontend_url}/v2/models/classifier/infer", BODY, HEADERS)[0] == 200

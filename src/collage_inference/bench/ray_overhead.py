@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="one JSON object on stdout instead of tables")
     args = p.parse_args(argv)
     try:
-        from collage_inference.serving.ray import require_ray
+        from collage_inference.deploy.ray import require_ray
 
         require_ray()
         test = load_dataset("fashion-mnist", "test")

@@ -55,9 +55,11 @@ from collage_inference.config import (
     WorkerEndpoint,
     WorkerSettings,
     add_frontend_arguments,
+    add_slowdown_arguments,
     dump_config,
     frontend_overrides,
     load_config,
+    slowdown_overrides,
 )
 from collage_inference.deploy.process import ManagedProcess, process_tree, wait_all_ready
 from collage_inference.errors import CollageError, ConfigError, ListenError, UnavailableError, WorkerError
@@ -412,14 +414,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     local.add_argument("--models-dir", type=Path, help="folder of scnn.onnx and collage-SxS.onnx")
     local.add_argument("--threads", type=int, help="engine threads per worker (1)")
     local.add_argument("--scnn-workers", type=int, help="s-CNN workers (default: what the mode needs)")
-    local.add_argument("--slowdown", help="none, bimodal[:SCALE], trace:PATH[:SCALE], pareto:...")
-    local.add_argument("--slowdown-kind", choices=("per-request", "per-instance"))
-    local.add_argument("--seed", type=int, help="seed of worker 0's delays (worker i: seed + i)")
+    add_slowdown_arguments(local)
     local.add_argument("--slow-workers", help="comma-separated s-CNN worker indexes that straggle (all)")
     local.add_argument("--slow-collage", action="store_true", default=None, help="collage workers straggle")
-    local.add_argument("--contention", type=float, help="CPU fraction burnt beside each slow worker")
-    local.add_argument("--slow-onset-rate", type=float, help="per-instance: slow periods per second")
-    local.add_argument("--slow-period", type=float, help="per-instance: mean slow period, seconds")
     out = p.add_argument_group("output")
     out.add_argument("--log-dir", type=Path, help="also write each process's output to DIR/NAME.log")
     out.add_argument("--verbose", action="store_true", help="echo every process's output to stderr")
@@ -437,10 +434,8 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, object]:
             raise ConfigError(f"--slow-workers takes indexes like 0,2; got {args.slow_workers!r}") from None
     keys = ("ready_timeout", "restart", "models_dir", "threads", "scnn_workers", "backend")
     overrides: dict[str, object] = {**frontend_overrides(args), **{k: getattr(args, k) for k in keys}}
-    overrides.update({"slowdown.spec": args.slowdown, "slowdown.kind": args.slowdown_kind,
-                      "slowdown.seed": args.seed, "slowdown.workers": slow_workers,
-                      "slowdown.collage": args.slow_collage, "slowdown.contention": args.contention,
-                      "slowdown.onset_rate": args.slow_onset_rate, "slowdown.period": args.slow_period,
+    overrides.update({f"slowdown.{key}": value for key, value in slowdown_overrides(args).items()})
+    overrides.update({"slowdown.workers": slow_workers, "slowdown.collage": args.slow_collage,
                       "ray.address": args.address})  # fmt: skip
     return overrides
 

@@ -36,13 +36,27 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from collage_inference.config import ServeConfig, WorkerSettings, load_config
 from collage_inference.errors import ConfigError, UnavailableError
 from collage_inference.modes import MODES
-from collage_inference.serving.ray import require_ray
 from collage_inference.serving.web.routes import load_token
+
+INSTALL_HINT = "pip install 'collage-inference[ray]'"
+
+
+def require_ray() -> ModuleType:
+    """The ``ray`` module with Serve, or a ConfigError that says how to install it."""
+    try:
+        import ray
+        from ray import serve  # noqa: F401  (Serve has extra dependencies of its own)
+    except ImportError as exc:
+        raise ConfigError(
+            f"the Ray backend needs Ray Serve, which is not installed ({exc}); run: {INSTALL_HINT}"
+        ) from exc
+    return ray
 
 
 def replica_settings(config: ServeConfig, model: Path) -> WorkerSettings:

@@ -80,6 +80,10 @@ class FrontEndApi:
             Route("GET", "/metrics", self.metrics),
             Route("PUT", "/admin/workers/{id}", self.move_worker),
         ]
+        # The served model's infer paths are declared literally too: an exact path is a dict
+        # lookup, where a {name} pattern is a regular expression run on every request.
+        served = (f"/v2/models/{self.model_name}", f"/v2/models/{self.model_name}/versions/1")
+        routes += [Route("POST", prefix + "/infer", self.infer) for prefix in served]
         for prefix in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
             routes += [
                 Route("GET", prefix, self.metadata),
@@ -95,7 +99,7 @@ class FrontEndApi:
 
     def check_model(self, request: Request) -> None:
         """404 unless the URL names the model this front end serves."""
-        name = request.params["name"]
+        name = request.params.get("name", self.model_name)  # an exact route names the served model
         if name != self.model_name:
             raise ModelNotFoundError(f"unknown model {name!r}; this front end serves {self.model_name!r}")
 
@@ -261,7 +265,8 @@ async def serve_frontend(config: ServeConfig) -> None:
     frontend = await connect(config, config.scnn, config.collage, token)
     try:
         await frontend.start()
-        await serve(FrontEndApi(frontend).router(token), config.host, config.port, limits=LIMITS)
+        router = FrontEndApi(frontend).router(token)
+        await serve(router, config.host, config.port, limits=LIMITS, draining=frontend.mark_draining)
         await frontend.drain(timeout=5.0)
     finally:
         await frontend.stop()

@@ -9,14 +9,6 @@ adjusts the system clock.
 from __future__ import annotations
 
 import time
-from typing import Protocol, runtime_checkable
-
-
-@runtime_checkable
-class Clock(Protocol):
-    """Anything that tells the current time in seconds on a monotonic scale."""
-
-    def now(self) -> float: ...
 
 
 class MonotonicClock:

@@ -95,6 +95,7 @@ class FrontEnd:
         self._running_loop: asyncio.AbstractEventLoop | None = None
         self._tasks: set[asyncio.Task] = set()
         self._probes: list[asyncio.Task] = []
+        self.draining = False
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -124,8 +125,13 @@ class FrontEnd:
 
     @property
     def ready(self) -> bool:
-        """Ready when some s-CNN worker is up (the collage path only adds redundancy)."""
-        return self.scnn.ready
+        """Ready when some s-CNN worker is up (the collage path only adds redundancy) and the
+        front end is not stopping."""
+        return self.scnn.ready and not self.draining
+
+    def mark_draining(self) -> None:
+        """Say not ready from now on: the server is about to stop."""
+        self.draining = True
 
     @property
     def in_flight(self) -> int:

@@ -78,134 +78,67 @@ class Metrics:
         workers = list(workers)
         m = f'model="{self.model}",version="1"'
         lines: list[str] = []
-
-        def series(name: str, kind: str, help_text: str, samples: Iterable[tuple[str, float]]) -> None:
-            lines.append(f"# HELP {name} {help_text}")
-            lines.append(f"# TYPE {name} {kind}")
-            lines.extend(f"{name}{{{labels}}} {value:g}" for labels, value in samples)
-
-        failed = sum(self.failures.values())
-        series(
-            "nv_inference_request_success", "counter", "Successful inference requests", [(m, self.success)]
-        )
-        series("nv_inference_request_failure", "counter", "Failed inference requests", [(m, failed)])
-        series("nv_inference_count", "counter", "Inferences performed", [(m, self.success)])
-        series(
-            "nv_inference_request_duration_us",
-            "counter",
-            "Cumulative end-to-end request duration",
-            [(m, round(self.duration_sum * 1e6))],
-        )
-        series(
-            "nv_inference_queue_duration_us",
-            "counter",
-            "Cumulative worker queue duration of answers",
-            [(m, round(self.queue_sum * 1e6))],
-        )
-        series(
-            "nv_inference_compute_infer_duration_us",
-            "counter",
-            "Cumulative worker compute of answers",
-            [(m, round(self.compute_sum * 1e6))],
-        )
-        cumulative = itertools.accumulate(self.duration_counts[:-1])
-        buckets = [(f'{m},le="{b:g}"', c) for b, c in zip(DURATION_BUCKETS, cumulative, strict=True)]
+        one = lambda value: [("", value)]  # noqa: E731  (a family with a single, unlabelled sample)
+        bucket_counts = zip(DURATION_BUCKETS, itertools.accumulate(self.duration_counts[:-1]), strict=True)
+        families = [
+            ("nv_inference_request_success", "counter", "Successful inference requests", [(m, self.success)]),
+            ("nv_inference_request_failure", "counter", "Failed inference requests",
+             [(m, sum(self.failures.values()))]),
+            ("nv_inference_count", "counter", "Inferences performed", [(m, self.success)]),
+            ("nv_inference_request_duration_us", "counter", "Cumulative end-to-end request duration",
+             [(m, round(self.duration_sum * 1e6))]),
+            ("nv_inference_queue_duration_us", "counter", "Cumulative worker queue duration of answers",
+             [(m, round(self.queue_sum * 1e6))]),
+            ("nv_inference_compute_infer_duration_us", "counter", "Cumulative worker compute of answers",
+             [(m, round(self.compute_sum * 1e6))]),
+            ("collage_answers_total", "counter", "Answers by the path that gave them",
+             [(f'source="{s}"', self.answers[s]) for s in ("primary", "collage", "replica")]),
+            ("collage_failures_total", "counter", "Requests failed, by HTTP status",
+             [(f'status="{s}"', n) for s, n in sorted(self.failures.items())]),
+            ("collage_straggler_detections_total", "counter",
+             "Requests whose primary was late: answered by the collage or re-issued", one(self.stragglers)),
+            ("collage_reissues_total", "counter", "s-CNN calls re-issued to another worker",
+             one(self.reissues)),
+            ("collage_reissues_skipped_total", "counter",
+             "Re-issues for lateness not sent because no worker was idle (reissue_to idle)",
+             one(self.reissues_skipped)),
+            ("collage_collages_skipped_total", "counter",
+             "Groups whose collage was not sent: the collage worker's backlog outlasted the straggler window",
+             one(self.collages_skipped)),
+            ("collage_group_deadline_seconds", "gauge",
+             "The group deadline the grouper chose for the newest group", one(self.group_deadline)),
+            ("collage_straggler_window_seconds", "gauge",
+             "The straggler window W (p99 of primary latencies minus one collage pass) for the newest group",
+             one(self.straggler_window)),
+            ("collage_group_size_total", "counter", "Groups closed, by requests in the group",
+             [(f'size="{s}"', n) for s, n in sorted(self.group_sizes.items())]),
+            ("collage_groups_closed_total", "counter", "Groups closed, by reason",
+             [(f'reason="{r}"', n) for r, n in sorted(self.group_reasons.items())]),
+            ("collage_worker_errors_total", "counter", "Worker calls that failed", one(self.worker_errors)),
+            ("collage_shed_total", "counter", "Requests refused with 429 (overload)", one(self.shed)),
+            ("collage_bad_requests_total", "counter", "Requests refused with 4xx", one(self.bad_requests)),
+            ("collage_cancelled_calls_total", "counter",
+             "Pending s-CNN calls cancelled because their request was answered (transports that can cancel)",
+             one(self.cancelled)),
+            ("collage_decoder_late_replies", "gauge", "Replies dropped because their request was answered",
+             one(sum(self.late_replies.values()))),
+            ("collage_requests_in_flight", "gauge", "Requests admitted and not yet answered", one(in_flight)),
+            *((name, "gauge", help_text, [(f'worker="{w[0]}",url="{w[1]}"', w[i]) for w in workers])
+              for name, help_text, i in (("collage_worker_up", "1 when the worker is taking requests", 2),
+                                         ("collage_worker_outstanding", "Calls in flight to the worker", 3),
+                                         ("collage_worker_calls", "Calls sent to the worker", 4))),
+        ]  # fmt: skip
+        for name, kind, help_text, samples in families:
+            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
+            lines += [f"{name}{{{labels}}} {value:g}" for labels, value in samples]
         lines += [
             "# HELP collage_request_duration_seconds End-to-end latency of answered requests",
             "# TYPE collage_request_duration_seconds histogram",
-            *(f"collage_request_duration_seconds_bucket{{{labels}}} {v}" for labels, v in buckets),
+            *(f'collage_request_duration_seconds_bucket{{{m},le="{b:g}"}} {c}' for b, c in bucket_counts),
             f'collage_request_duration_seconds_bucket{{{m},le="+Inf"}} {self.success}',
             f"collage_request_duration_seconds_sum{{{m}}} {self.duration_sum:g}",
             f"collage_request_duration_seconds_count{{{m}}} {self.success}",
         ]
-        series(
-            "collage_answers_total",
-            "counter",
-            "Answers by the path that gave them",
-            [(f'source="{s}"', self.answers[s]) for s in ("primary", "collage", "replica")],
-        )
-        series(
-            "collage_failures_total",
-            "counter",
-            "Requests failed, by HTTP status",
-            [(f'status="{s}"', n) for s, n in sorted(self.failures.items())],
-        )
-        series(
-            "collage_straggler_detections_total",
-            "counter",
-            "Requests whose primary was late: answered by the collage or re-issued",
-            [("", self.stragglers)],
-        )
-        series(
-            "collage_reissues_total",
-            "counter",
-            "s-CNN calls re-issued to another worker",
-            [("", self.reissues)],
-        )
-        series(
-            "collage_reissues_skipped_total",
-            "counter",
-            "Re-issues for lateness not sent because no worker was idle (reissue_to idle)",
-            [("", self.reissues_skipped)],
-        )
-        series(
-            "collage_collages_skipped_total",
-            "counter",
-            "Groups whose collage was not sent: the collage worker's backlog outlasted the straggler window",
-            [("", self.collages_skipped)],
-        )
-        series(
-            "collage_group_deadline_seconds",
-            "gauge",
-            "The group deadline the grouper chose for the newest group",
-            [("", self.group_deadline)],
-        )
-        series(
-            "collage_straggler_window_seconds",
-            "gauge",
-            "The straggler window W (p99 of primary latencies minus one collage pass) for the newest group",
-            [("", self.straggler_window)],
-        )
-        series(
-            "collage_group_size_total",
-            "counter",
-            "Groups closed, by requests in the group",
-            [(f'size="{s}"', n) for s, n in sorted(self.group_sizes.items())],
-        )
-        series(
-            "collage_groups_closed_total",
-            "counter",
-            "Groups closed, by reason",
-            [(f'reason="{r}"', n) for r, n in sorted(self.group_reasons.items())],
-        )
-        series(
-            "collage_worker_errors_total", "counter", "Worker calls that failed", [("", self.worker_errors)]
-        )
-        series("collage_shed_total", "counter", "Requests refused with 429 (overload)", [("", self.shed)])
-        series(
-            "collage_bad_requests_total", "counter", "Requests refused with 4xx", [("", self.bad_requests)]
-        )
-        series(
-            "collage_cancelled_calls_total",
-            "counter",
-            "Pending s-CNN calls cancelled because their request was answered (transports that can cancel)",
-            [("", self.cancelled)],
-        )
-        series(
-            "collage_decoder_late_replies",
-            "gauge",
-            "Replies dropped because their request was answered",
-            [("", sum(self.late_replies.values()))],
-        )
-        series(
-            "collage_requests_in_flight", "gauge", "Requests admitted and not yet answered", [("", in_flight)]
-        )
-        for name, help_text, index in (
-            ("collage_worker_up", "1 when the worker is taking requests", 2),
-            ("collage_worker_outstanding", "Calls in flight to the worker", 3),
-            ("collage_worker_calls", "Calls sent to the worker", 4),
-        ):
-            series(name, "gauge", help_text, [(f'worker="{w[0]}",url="{w[1]}"', w[index]) for w in workers])
         return "\n".join(lines) + "\n"
 
 

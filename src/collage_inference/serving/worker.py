@@ -25,7 +25,13 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from collage_inference.config import Limits, SlowdownSettings, WorkerSettings
+from collage_inference.config import (
+    Limits,
+    SlowdownSettings,
+    WorkerSettings,
+    add_slowdown_arguments,
+    slowdown_overrides,
+)
 from collage_inference.errors import (
     CollageError,
     ConfigError,
@@ -46,7 +52,6 @@ from collage_inference.serving.v2 import (
 )
 from collage_inference.serving.web.routes import Request, Response, Route, Router, load_token, run
 from collage_inference.serving.web.server import serve
-from collage_inference.slowdown import KINDS
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +75,10 @@ class WorkerApi:
             Route("GET", "/v2/health/ready", self.ready),
             Route("GET", "/metrics", self.metrics),
         ]
+        # The model's infer paths are declared literally too: an exact path is a dict lookup,
+        # where a {name} pattern is a regular expression run on every request.
+        served = (f"/v2/models/{self.server.name}", f"/v2/models/{self.server.name}/versions/{VERSION}")
+        routes += [Route("POST", prefix + "/infer", self.infer) for prefix in served]
         for prefix in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
             routes += [
                 Route("GET", prefix, self.metadata),
@@ -80,7 +89,8 @@ class WorkerApi:
 
     def check_model(self, request: Request) -> None:
         """404 unless the URL names this server's model (and, if given, its one version)."""
-        name, version = request.params["name"], request.params.get("version")
+        name = request.params.get("name", self.server.name)  # an exact route names the model
+        version = request.params.get("version")
         if name != self.server.name:
             raise ModelNotFoundError(
                 f"model {name!r} is not served here; this worker serves {self.server.name!r}"
@@ -211,15 +221,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument(
         "--token-file", type=Path, help="file holding the shared bearer token (default: $COLLAGE_TOKEN)"
     )
-    slow = p.add_argument_group("straggler injection (off by default)")
-    slow.add_argument(
-        "--slowdown", help="none, bimodal[:SCALE], trace:PATH[:SCALE], pareto:alpha=A,scale=S[,cap=C]"
-    )
-    slow.add_argument("--slowdown-kind", choices=KINDS, help="how delays apply (default per-request)")
-    slow.add_argument("--slow-onset-rate", type=float, help="per-instance: slow periods per second")
-    slow.add_argument("--slow-period", type=float, help="per-instance: mean slow period, seconds")
-    slow.add_argument("--contention", type=float, help="CPU fraction burnt in the background")
-    slow.add_argument("--seed", type=int, help="seed of the delay sampler")
+    add_slowdown_arguments(p.add_argument_group("straggler injection (off by default)"))
     return p
 
 
@@ -237,12 +239,7 @@ def settings_from_args(args: argparse.Namespace) -> WorkerSettings:
             max_body_bytes=int(given.get("max_body_mb", limits.max_body_bytes / 2**20) * 2**20),
             body_timeout=given.get("body_timeout", limits.body_timeout),
         )
-    slow = {
-        key: given[flag]
-        for key, flag in (("spec", "slowdown"), ("kind", "slowdown_kind"), ("onset_rate", "slow_onset_rate"),
-                          ("period", "slow_period"), ("contention", "contention"), ("seed", "seed"))
-        if flag in given
-    }  # fmt: skip
+    slow = slowdown_overrides(args)
     keys = ("host", "port", "backend", "threads", "name", "max_queue", "max_batch", "token_file")
     return WorkerSettings(
         args.model,

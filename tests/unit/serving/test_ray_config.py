@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from collage_inference.config import ServeConfig, load_config
+from collage_inference.deploy.ray import require_ray
 from collage_inference.errors import ConfigError
-from collage_inference.serving.ray import require_ray
 
 EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
 

@@ -12,25 +12,6 @@ Layout (one code path, two transports):
 The transport is :mod:`collage_inference.serving.transports.ray`; the launcher that builds the
 application from a ServeConfig is :mod:`collage_inference.deploy.ray`.
 
-Ray is an optional extra; :func:`require_ray` says how to install it when it is missing.
+Ray is an optional extra; the launcher (:mod:`collage_inference.deploy.ray`) says how to
+install it when it is missing.
 """
-
-from __future__ import annotations
-
-from types import ModuleType
-
-from collage_inference.errors import ConfigError
-
-INSTALL_HINT = "pip install 'collage-inference[ray]'"
-
-
-def require_ray() -> ModuleType:
-    """The ``ray`` module with Serve, or a ConfigError that says how to install it."""
-    try:
-        import ray
-        from ray import serve  # noqa: F401  (Serve has extra dependencies of its own)
-    except ImportError as exc:
-        raise ConfigError(
-            f"the Ray backend needs Ray Serve, which is not installed ({exc}); run: {INSTALL_HINT}"
-        ) from exc
-    return ray

@@ -1,18 +1,12 @@
 """The one HTTP/1.1 client of the project: worker calls, readiness probes, metadata.
 
-Every request the front end admits costs at least one worker call, so the cost of that call is
-most of the front end's CPU per request, and on a small machine CPU per request is latency. A
-call needs little: a body already in memory, sent over a keep-alive connection with one write,
-and an answer framed by llhttp (``httptools``, in C): Content-Length, chunked, or until the
-server closes. :class:`HttpClient` does exactly that, over asyncio protocols, with a pool of
-idle connections per origin.
-
-On an idle connection a request is written before :meth:`HttpClient.request` returns, so the
-server is at work while the caller's task gets scheduled. A request that fails on a reused
-connection before any byte of the answer arrived is sent once more on a new connection: the
-server may have closed the idle connection just as we wrote to it (a keep-alive race every
-HTTP client has to handle). The calls sent are pure functions of their input, so sending one
-twice is harmless.
+A call is one write over a keep-alive connection from a per-origin pool, its answer framed by
+llhttp (Content-Length, chunked, or until the server closes). On an idle connection a request
+is written before :meth:`HttpClient.request` returns, so the server is at work while the
+caller's task gets scheduled. A request that fails on a reused connection before any byte of
+the answer arrived is sent once more on a new connection: the server may have closed the idle
+connection just as we wrote to it (a keep-alive race every HTTP client has to handle). The
+calls sent are pure functions of their input, so sending one twice is harmless.
 """
 
 from __future__ import annotations
@@ -28,10 +22,9 @@ import orjson
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 
 from collage_inference.errors import ConfigError, ProtocolError
-from collage_inference.serving.kept import Kept
+from collage_inference.serving.web.routes import add_header
 
 MAX_IDLE = 256  # idle connections kept per origin
-_NAMES: Kept[bytes, str] = Kept(256)  # header names as sent -> lower case: servers repeat them
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -54,8 +47,8 @@ class _Connection(asyncio.Protocol):
     """One keep-alive connection; one request at a time. The parser calls the ``on_*``
     methods as it frames the answer."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
+    def __init__(self) -> None:
+        self.loop = asyncio.get_running_loop()
         self.parser = HttpResponseParser(self)
         self.transport: asyncio.Transport | None = None
         self.closed = False
@@ -67,8 +60,6 @@ class _Connection(asyncio.Protocol):
         self.body = bytearray()
         self._waiter: asyncio.Future[HttpReply] | None = None
         self._timer: asyncio.TimerHandle | None = None
-
-    # -- asyncio callbacks --------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's are not asyncio subclasses
@@ -87,29 +78,23 @@ class _Connection(asyncio.Protocol):
     def eof_received(self) -> bool:
         if self.until_eof:
             self._finish(HttpReply(self.parser.get_status_code(), self.headers, bytes(self.body)))
-        self._fail(ConnectionResetError("the server closed the connection"))
+        self.connection_lost(ConnectionResetError("the server closed the connection"))
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._fail(exc or ConnectionResetError("the connection was lost"))
-
-    # -- parser callbacks ---------------------------------------------------------------------
+        self.closed = True
+        self._finish(exc or ConnectionResetError("the connection was lost"))
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        key = _NAMES.get(name) or _NAMES.keep(name, name.decode("latin-1").lower())
-        text = value.decode("latin-1")
-        seen = self.headers.setdefault(key, text)
-        if seen is not text:
-            self.headers[key] = f"{seen}, {text}"
+        add_header(self.headers, name, value)
 
     def on_headers_complete(self) -> None:
         if self._waiter is None:
             raise ProtocolError("an answer nobody asked for")  # the connection cannot be trusted
-        headers = self.headers
-        self.until_eof = "content-length" not in headers and "transfer-encoding" not in headers
+        self.until_eof = "content-length" not in self.headers and "transfer-encoding" not in self.headers
         if self.head_only:
             self.closed = True  # the parser would wait for a body: this connection is done
-            self._finish(HttpReply(self.parser.get_status_code(), headers, b""))
+            self._finish(HttpReply(self.parser.get_status_code(), self.headers, b""))
 
     def on_body(self, body: bytes) -> None:
         self.body += body
@@ -120,11 +105,8 @@ class _Connection(asyncio.Protocol):
             self.headers = {}
             return
         self.until_eof = False
-        if not self.parser.should_keep_alive():
-            self.closed = True
+        self.closed = self.closed or not self.parser.should_keep_alive()
         self._finish(HttpReply(status, self.headers, bytes(self.body)))
-
-    # -- requests ------------------------------------------------------------------------------
 
     def send(self, data: bytes, deadline: float, head_only: bool) -> asyncio.Future[HttpReply]:
         """Write the request now; the future resolves with its answer, or fails with
@@ -157,10 +139,6 @@ class _Connection(asyncio.Protocol):
         if waiter is not None and not waiter.done():
             waiter.set_exception(result) if isinstance(result, BaseException) else waiter.set_result(result)
 
-    def _fail(self, exc: BaseException) -> None:
-        self.closed = True
-        self._finish(exc)
-
 
 class HttpClient:
     """Keep-alive HTTP/1.1 to one origin: ``http://host:port`` or ``https://...``, with an
@@ -188,12 +166,9 @@ class HttpClient:
         headers: Mapping[str, str] | None = None,
         timeout: float = 5.0,
     ) -> Awaitable[HttpReply]:
-        """Send ``method`` to ``path`` (after the URL's base path); the awaitable raises
-        OSError, TimeoutError or ProtocolError on failure.
-
-        On an idle keep-alive connection the request is written before this returns;
-        otherwise it is written once a new connection is up.
-        """
+        """Send ``method`` to ``path`` (after the URL's base path), written now when a
+        keep-alive connection is idle; the awaitable raises OSError, TimeoutError or
+        ProtocolError on failure."""
         head = self.head(method, path, headers or {}, len(body))
         return self._send(head + body, timeout, method == "HEAD")
 
@@ -217,13 +192,15 @@ class HttpClient:
         self._idle.clear()
 
     def _send(self, data: bytes, timeout: float, head_only: bool) -> Awaitable[HttpReply]:
-        connection = self._take()
-        if connection is None:
-            deadline = asyncio.get_running_loop().time() + timeout
-            return self._exchange(data, None, None, deadline, head_only)
-        deadline = connection.loop.time() + timeout
-        sent = connection.send(data, deadline, head_only)
-        return self._exchange(data, connection, sent, deadline, head_only)
+        while self._idle:
+            connection = self._idle.pop()
+            if not connection.closed:
+                connection.reused = True
+                deadline = connection.loop.time() + timeout
+                sent = connection.send(data, deadline, head_only)
+                return self._exchange(data, connection, sent, deadline, head_only)
+        deadline = asyncio.get_running_loop().time() + timeout
+        return self._exchange(data, None, None, deadline, head_only)
 
     async def _exchange(
         self,
@@ -237,41 +214,23 @@ class HttpClient:
         # bounds each request on it (no timeout context per call), asyncio's bounds connecting.
         while True:
             if connection is None or sent is None:
+                loop = asyncio.get_running_loop()
                 async with asyncio.timeout_at(deadline):
-                    connection = await self._connect()
+                    _, connection = await loop.create_connection(
+                        _Connection, self.host, self.port, ssl=self._ssl
+                    )
                 sent = connection.send(data, deadline, head_only)
             try:
                 reply = await sent
-            except TimeoutError:
-                connection.close()
-                raise
-            except (OSError, ProtocolError):
-                connection.close()
-                if connection.reused and not connection.received:
-                    connection = None  # a stale keep-alive connection: once more on a new one
-                    continue
-                raise
-            except BaseException:  # cancelled mid-answer: unusable
-                connection.close()
-                raise
-            break
+                break
+            except BaseException as exc:
+                connection.close()  # failed, timed out or cancelled mid-answer: unusable
+                failed = isinstance(exc, (OSError, ProtocolError)) and not isinstance(exc, TimeoutError)
+                if not (failed and connection.reused and not connection.received):
+                    raise
+                connection = None  # a stale keep-alive connection: once more on a new one
         if connection.closed or len(self._idle) >= MAX_IDLE:
             connection.close()
         else:
             self._idle.append(connection)
         return reply
-
-    def _take(self) -> _Connection | None:
-        while self._idle:
-            connection = self._idle.pop()
-            if not connection.closed:
-                connection.reused = True
-                return connection
-        return None
-
-    async def _connect(self) -> _Connection:
-        loop = asyncio.get_running_loop()
-        _, connection = await loop.create_connection(
-            lambda: _Connection(loop), self.host, self.port, ssl=self._ssl
-        )
-        return connection

@@ -1,14 +1,15 @@
 """One client connection of the server: llhttp frames its requests, this answers them in order.
 
-Per-request Python work is kept small, since on a small machine the server's CPU per request is
-latency: a request whose bytes arrived in one read costs no timer; a handler that answers at
-once is answered inside the read, without a task; every answer is one write of head and body.
-Requests on one connection are answered in order, one at a time, as HTTP/1.1 wants; those a
-client pipelines meanwhile wait, and reading pauses if they pile up. Refusals (400, 408, 413,
-431) close the connection the way nginx does (a lingering close): the answer is written and
-the write side shut, then what the client still sends is read and dropped for a while, so a
-client that sends its whole body before reading (urllib, requests) reads the 413 instead of the
-reset that closing a socket with unread input would send it.
+llhttp (Node's parser, in C) refuses what is malformed or ambiguous (two Content-Lengths, a
+Content-Length beside chunked) before a handler sees it; the limits are applied here: a head
+over 64 KiB gets 431, a body over ``max_body_bytes`` 413 as soon as its declared length is known
+(or a chunked one grows past it), a request incomplete ``body_timeout`` seconds after it began
+408. Requests are answered in order, one at a time; those a client pipelines meanwhile wait,
+and reading pauses if they pile up. Refusals close the connection the way nginx does (a
+lingering close): the answer is written and the write side shut, then what the client still
+sends is read and dropped for a while, so a client that sends its whole body before reading
+(urllib, requests) reads the 413 instead of the reset that closing a socket with unread input
+would send it.
 """
 
 from __future__ import annotations
@@ -24,13 +25,11 @@ from httptools import HttpParserCallbackError, HttpParserError, HttpParserUpgrad
 from collage_inference.errors import (
     HeadersTooLargeError,
     MethodNotAllowedError,
-    PayloadTooLargeError,
     ProtocolError,
     RequestTimeoutError,
     ServingError,
 )
-from collage_inference.serving.kept import Kept
-from collage_inference.serving.web.routes import BodyBuffer, Request, Response, log
+from collage_inference.serving.web.routes import BodyBuffer, Request, Response, add_header, log
 
 if TYPE_CHECKING:
     from collage_inference.serving.web.server import HttpServer
@@ -40,29 +39,26 @@ KEEPALIVE_S = 30.0  # idle keep-alive connections do not hold sockets for ever
 LINGER_S = 5.0  # how long a refused client may go on sending before its socket closes
 LINGER_MIN_BYTES = 64 * 2**20  # ... and how much of it is read, at least (else 2 x the body limit)
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
-_NAMES: Kept[bytes, str] = Kept(256)  # header names as sent -> lower case: clients repeat them
-_METHODS: dict[bytes, str] = {}
+_HEAD_TOO_LARGE = "the request line and headers exceed 64 KiB"
+_NO_UPGRADES = "upgrades are not supported; send plain HTTP/1.1 requests"
 
 
 class Connection(asyncio.Protocol):
-    """One client connection. The parser calls the ``on_*`` methods as it frames requests."""
+    """One client connection. The parser calls the ``on_*`` methods as it frames requests;
+    what they raise stops it, and :meth:`_refuse` answers that."""
 
     def __init__(self, server: HttpServer) -> None:
-        # Kept: on Python 3.11 every get_running_loop() is a getpid() system call.
-        self.loop = asyncio.get_running_loop()
+        self.loop = asyncio.get_running_loop()  # kept: on Python 3.11 each call is a getpid()
         self.server = server
-        self.handle = server.router.handle
         self.max_body = server.limits.max_body_bytes
         self.parser = HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
-        # The request being read.
-        self.in_message = False
-        self.in_head = True  # reading a head (or waiting for one): its bytes are counted
+        self.in_message = False  # the request being read ...
+        self.in_head = True  # ... is in its head (or none began): its bytes are counted
         self.head_bytes = 0
-        self.method = ""
         self.url = b""
         self.headers: dict[str, str] = {}
-        self.body: BodyBuffer | None = None
+        self.body = BodyBuffer(self.max_body)
         # Requests read, waiting for the answer in progress: (request or refusal, keep-alive).
         self.pending: deque[tuple[Request | ServingError, bool]] = deque()
         self.pending_bytes = 0
@@ -70,14 +66,11 @@ class Connection(asyncio.Protocol):
         self.closing = False  # no request is taken after the last one read
         self.write_paused = self.read_paused = self.lingering = False
         self.linger_left = 0
-        self.refused: ServingError | None = None  # why a callback stopped the parser
-        self._deadline: asyncio.TimerHandle | None = None  # of the request being read
-        # The keep-alive check is not re-armed for every request (a cancelled and a new timer
-        # each time): it looks every KEEPALIVE_S or so and closes a connection idle that long.
+        # A timer costs about 2 µs (uvloop call_later + cancel): a request read in one piece gets
+        # no deadline, and the idle check is not re-armed per answer but looks every KEEPALIVE_S.
+        self._deadline: asyncio.TimerHandle | None = None
         self._keepalive: asyncio.TimerHandle | None = None
         self.idle_since = 0.0
-
-    # -- asyncio callbacks --------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's are not asyncio subclasses
@@ -95,19 +88,16 @@ class Connection(asyncio.Protocol):
             self.head_bytes += len(data)
         try:
             self.parser.feed_data(data)
-        except HttpParserCallbackError as exc:  # a callback refused the request, or failed
-            self._refuse(self.refused or exc.__context__ or exc)
-            return
+        except HttpParserCallbackError as exc:  # a callback refused the request (or failed): why
+            self._refuse(exc.__context__ or exc)
         except HttpParserUpgrade:  # CONNECT and upgrades are refused in on_headers_complete
-            self._refuse(ProtocolError("upgrades are not supported; send plain HTTP/1.1 requests"))
-            return
+            self._refuse(ProtocolError(_NO_UPGRADES))
         except HttpParserError as exc:
             self._refuse(ProtocolError(f"malformed request: {exc}; send HTTP/1.1"))
-            return
-        if self.in_message:
-            if self.in_head and self.head_bytes > MAX_HEAD_BYTES:
-                self._refuse(HeadersTooLargeError("the request line and headers exceed 64 KiB"))
-            elif self._deadline is None and not self.read_paused:
+        else:
+            if self.in_message and self.in_head and self.head_bytes > MAX_HEAD_BYTES:
+                self._refuse(HeadersTooLargeError(_HEAD_TOO_LARGE))
+            elif self.in_message and self._deadline is None and not self.read_paused:
                 self._deadline = self.loop.call_later(self.server.limits.body_timeout, self._too_slow)
 
     def eof_received(self) -> bool:
@@ -137,89 +127,65 @@ class Connection(asyncio.Protocol):
         if transport is not None:
             transport.close()
 
-    # -- parser callbacks ---------------------------------------------------------------------
-
-    def _stop(self, error: ServingError) -> ServingError:
-        """Keep ``error``, for a callback to raise: the parser stops, and wraps what it raised."""
-        self.refused = error
-        return error
-
     def on_message_begin(self) -> None:
         self.in_message = True
         self.url = b""
         self.headers = {}
-        self.body = None
 
     def on_url(self, url: bytes) -> None:
         self.url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        key = _NAMES.get(name) or _NAMES.keep(name, name.decode("latin-1").lower())
-        text = value.decode("latin-1")
-        seen = self.headers.setdefault(key, text)
-        if seen is not text:
-            self.headers[key] = f"{seen}, {text}"
+        add_header(self.headers, name, value)
 
     def on_headers_complete(self) -> None:
         self.in_head = False
-        # The bytes read while in the head bound its size from above; only past the limit is
-        # the head itself measured.
-        if self.head_bytes > MAX_HEAD_BYTES and _head_size(self.url, self.headers) > MAX_HEAD_BYTES:
-            raise self._stop(HeadersTooLargeError("the request line and headers exceed 64 KiB"))
+        # The bytes read while in the head (body bytes of the same reads too) bound its size
+        # from above; only past the limit is the head itself measured.
+        if self.head_bytes > MAX_HEAD_BYTES:
+            size = len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers.items())
+            if size > MAX_HEAD_BYTES:
+                raise HeadersTooLargeError(_HEAD_TOO_LARGE)
         self.head_bytes = 0
-        parser = self.parser
-        raw = parser.get_method()
-        self.method = method = _METHODS.get(raw) or _METHODS.setdefault(raw, raw.decode())
-        if parser.should_upgrade():
-            if method == "CONNECT":
-                raise self._stop(MethodNotAllowedError("CONNECT is not supported; this is not a proxy"))
-            raise self._stop(ProtocolError("upgrades are not supported; send plain HTTP/1.1 requests"))
-        headers = self.headers
-        length = headers.get("content-length")
-        try:  # llhttp checked that a Content-Length is digits
-            self.body = BodyBuffer(self.max_body, None if length is None else int(length))
-        except PayloadTooLargeError as exc:
-            raise self._stop(exc) from None
-        expect = headers.get("expect")
-        # Only while nothing is ahead of it (an interim answer must not overtake a final one) and
-        # the request is to be answered at all.
+        if self.parser.should_upgrade():
+            if self.parser.get_method() == b"CONNECT":
+                raise MethodNotAllowedError("CONNECT is not supported; this is not a proxy")
+            raise ProtocolError(_NO_UPGRADES)
+        length = self.headers.get("content-length")  # llhttp checked that it is digits
+        self.body = BodyBuffer(self.max_body, None if length is None else int(length))
+        # 100 Continue only while nothing is ahead of this request (an interim answer must not
+        # overtake a final one) and the request is to be answered at all.
+        expect = self.headers.get("expect")
         ahead = self.answering or self.pending or self.closing
         if expect is not None and not ahead and expect.lower() == "100-continue":
             self.transport.write(_CONTINUE)
 
     def on_body(self, body: bytes) -> None:
-        try:
-            self.body.add(body)
-        except PayloadTooLargeError as exc:
-            raise self._stop(exc) from None
+        self.body.add(body)
 
     def on_message_complete(self) -> None:
         self.in_message = False
         self.in_head = True
-        if self._deadline is not None:
-            self._deadline.cancel()
-            self._deadline = None
+        self._cancel_deadline()
         if self.closing:
             return  # pipelined after the last request this connection takes
-        url = self.url
-        if b"?" in url:
-            path, _, query = url.decode("latin-1").partition("?")
-        else:
-            path, query = url.decode("latin-1"), ""
-        body = self.body.bytes() if self.body is not None else b""
-        request = Request(self.method, path, query, self.headers, body)
+        path, _, query = self.url.decode("latin-1").partition("?")
+        body = self.body.bytes()
+        request = Request(self.parser.get_method().decode(), path, query, self.headers, body)
         keep_alive = self.parser.should_keep_alive()
-        if not keep_alive:
-            self.closing = True
+        self.closing = not keep_alive
         if self.answering is None and not self.pending and not self.write_paused:
             self._answer(request, keep_alive)
-        else:
-            self._queue(request, keep_alive, len(body))
-
-    # -- answering ----------------------------------------------------------------------------
+            return
+        self.pending.append((request, keep_alive))
+        self.pending_bytes += len(body)
+        if self.pending_bytes > self.max_body + MAX_HEAD_BYTES and not self.read_paused:
+            self.read_paused = True  # a client pipelining faster than it is answered
+            self.transport.pause_reading()
+            self._cancel_deadline()  # its next request cannot arrive meanwhile
 
     def _answer(self, request: Request, keep_alive: bool) -> None:
-        response = self.handle(request)
+        response = self.server.router.handle(request)
         if isinstance(response, Response):
             self._write(request, response, keep_alive)
         else:
@@ -232,46 +198,33 @@ class Connection(asyncio.Protocol):
         self._answer_pending()
 
     def _answer_pending(self) -> None:
-        """Answer the requests read meanwhile, in order, until one has to wait."""
+        """Answer the requests read meanwhile, in order, until one has to wait (in a loop, not
+        one nested call per request: a long pipeline must not grow the stack)."""
         pending = self.pending
         while pending and self.answering is None and not self.write_paused and self.transport is not None:
             item, keep_alive = pending.popleft()
-            if isinstance(item, Request):
-                self.pending_bytes -= len(item.body)
-                if self.read_paused and self.pending_bytes <= self.max_body:
-                    self._resume_reading()
-                self._answer(item, keep_alive)
-            else:
+            if isinstance(item, ServingError):
                 self._write_refusal(item)
-
-    def _queue(self, item: Request | ServingError, keep_alive: bool, size: int) -> None:
-        self.pending.append((item, keep_alive))
-        self.pending_bytes += size
-        if self.pending_bytes > self.max_body + MAX_HEAD_BYTES and not self.read_paused:
-            self.read_paused = True  # a client pipelining faster than it is answered
-            self.transport.pause_reading()
-            if self._deadline is not None:  # its next request cannot arrive meanwhile
-                self._deadline.cancel()
-                self._deadline = None
-
-    def _resume_reading(self) -> None:
-        self.read_paused = False
-        self.transport.resume_reading()
-        if self.in_message:
-            self._deadline = self.loop.call_later(self.server.limits.body_timeout, self._too_slow)
+                continue
+            self.pending_bytes -= len(item.body)
+            if self.read_paused and self.pending_bytes <= self.max_body:
+                self.read_paused = False
+                self.transport.resume_reading()
+                if self.in_message:
+                    self._deadline = self.loop.call_later(self.server.limits.body_timeout, self._too_slow)
+            self._answer(item, keep_alive)
 
     def _write(self, request: Request, response: Response, keep_alive: bool) -> None:
-        transport = self.transport
-        if transport is None:
+        if self.transport is None:
             return  # the client went away; the request was still carried out
         close = not keep_alive or (self.closing and not self.pending) or self.server.closing
-        body = response.body
         if close:
             connection = "close"
         else:  # an HTTP/1.0 client keeps the connection only if told it is kept
             connection = "keep-alive" if request.headers.get("connection") == "keep-alive" else ""
+        body = response.body
         head = render_head(response.status, response.headers, len(body), connection, self.server.date)
-        transport.write(head if request.method == "HEAD" else head + body)
+        self.transport.write(head if request.method == "HEAD" else head + body)
         if close:
             self.close()
         else:
@@ -282,21 +235,17 @@ class Connection(asyncio.Protocol):
         self.closing = True
         self.lingering = True  # what the client still sends is read and dropped
         self.linger_left = max(2 * self.max_body, LINGER_MIN_BYTES)
-        if self._deadline is not None:
-            self._deadline.cancel()
-            self._deadline = None
+        self._cancel_deadline()
         if self.read_paused and self.transport is not None:
             self.read_paused = False
             self.transport.resume_reading()
         if not isinstance(error, ServingError):  # a failure of this module's own code
             log.error("unexpected error reading a request", exc_info=error)
-        refusal = (
-            error if isinstance(error, ServingError) else ServingError("internal error; see the server log")
-        )
+            error = ServingError("internal error; see the server log")
         if self.answering is None and not self.pending:
-            self._write_refusal(refusal)
+            self._write_refusal(error)
         else:
-            self.pending.append((refusal, False))
+            self.pending.append((error, False))
 
     def _write_refusal(self, error: ServingError) -> None:
         transport = self.transport
@@ -309,16 +258,11 @@ class Connection(asyncio.Protocol):
             transport.write_eof()  # the client reads the answer and an end; we go on reading
         self._deadline = self.loop.call_later(LINGER_S, self.close)
 
-    # -- deadlines ----------------------------------------------------------------------------
-
     def _too_slow(self) -> None:
         self._deadline = None
-        seconds = f"{self.server.limits.body_timeout:g}s"
-        if self.in_head:
-            message = f"the request head took longer than {seconds} to arrive"
-        else:
-            message = f"the body took longer than {seconds} to arrive; send it at once"
-        self._refuse(RequestTimeoutError(message))
+        what = "the request head" if self.in_head else "the body"
+        seconds = self.server.limits.body_timeout
+        self._refuse(RequestTimeoutError(f"{what} took longer than {seconds:g}s to arrive; send it at once"))
 
     def _check_idle(self) -> None:
         """Close the connection if it has been idle for KEEPALIVE_S; else look again when it
@@ -331,15 +275,16 @@ class Connection(asyncio.Protocol):
         else:
             self._keepalive = self.loop.call_later(KEEPALIVE_S - idle, self._check_idle)
 
+    def _cancel_deadline(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
     def _cancel_timers(self) -> None:
-        for timer in (self._deadline, self._keepalive):
-            if timer is not None:
-                timer.cancel()
-        self._deadline = self._keepalive = None
-
-
-def _head_size(url: bytes, headers: dict[str, str]) -> int:
-    return len(url) + sum(len(name) + len(value) + 4 for name, value in headers.items())
+        self._cancel_deadline()
+        if self._keepalive is not None:
+            self._keepalive.cancel()
+            self._keepalive = None
 
 
 _STATUS_LINES = {status.value: f"HTTP/1.1 {status.value} {status.phrase}\r\n" for status in HTTPStatus}

@@ -1,16 +1,9 @@
 """Requests, responses, the route table and the one mapping from failures to HTTP answers.
 
 A service declares its endpoints once, as data: a :class:`Router` built from :class:`Route`
-entries. Whatever serves them (the HTTP server of :mod:`.server`, a test calling
-:meth:`Router.handle` directly) sees the same table, the same token check and the same error
-answers, so a client cannot tell one entry point from another.
-
-:func:`error_response` is the single place where exceptions become HTTP answers
-(``{"error": message}`` with the status the :class:`ServingError` subclass names, a
-``Retry-After`` on 429 and 503), so a bad request never takes a server down.
-:func:`check_token` guards a service with an optional shared bearer token, :func:`load_token`
-finds it. :func:`run` runs a server's (or a client's) main coroutine on uvloop where it is
-installed.
+entries. Whatever serves them (the HTTP server of :mod:`.server`, the Ray Serve ingress, a test
+calling :meth:`Router.handle` directly) sees the same table, the same token check and the same
+error answers, so a client cannot tell one entry point from another.
 """
 
 from __future__ import annotations
@@ -20,8 +13,8 @@ import hmac
 import logging
 import os
 import re
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, TypeVar
@@ -45,103 +38,54 @@ RETRY_AFTER_S = "1"
 # Orchestrators probe liveness and readiness without credentials; they reveal nothing.
 OPEN_PATHS = frozenset({"/v2/health/live", "/v2/health/ready"})
 METHODS = frozenset({"GET", "POST", "PUT", "DELETE", "PATCH"})
-
-
-class _Empty(Mapping[str, str]):
-    """An empty mapping that is immutable and hashable, so it can be a dataclass default."""
-
-    def __getitem__(self, key: str) -> str:
-        raise KeyError(key)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(())
-
-    def __len__(self) -> int:
-        return 0
-
-    def __hash__(self) -> int:
-        return 0
-
-    def __repr__(self) -> str:
-        return "EMPTY"
-
-
-EMPTY: Mapping[str, str] = _Empty()
+_JSON = MappingProxyType({"Content-Type": "application/json"})
 
 
 class BodyBuffer:
     """A request body read piece by piece under its size limit: the one place where a body's
-    size is checked, for the HTTP server and the Ray Serve ingress alike. A body that arrives
-    in one piece is kept as it came, not copied."""
+    size is checked, for the HTTP server and the Ray Serve ingress alike."""
 
-    __slots__ = ("limit", "size", "_first", "_more")
+    __slots__ = ("limit", "size", "_parts")
 
     def __init__(self, limit: int, declared: int | None = None) -> None:
         """``declared``: the Content-Length, refused at once when it exceeds ``limit``."""
         if declared is not None and declared > limit:
             raise PayloadTooLargeError(f"the body of {declared} bytes exceeds {limit} bytes")
         self.limit, self.size = limit, 0
-        self._first = b""
-        self._more: bytearray | None = None
+        self._parts: list[bytes] = []
 
     def add(self, chunk: bytes) -> None:
         self.size += len(chunk)
         if self.size > self.limit:
             raise PayloadTooLargeError(f"the body exceeds the limit of {self.limit} bytes")
-        if self._more is not None:
-            self._more += chunk
-        elif self._first:
-            self._more = bytearray(self._first)
-            self._more += chunk
-        else:
-            self._first = chunk
+        if chunk:
+            self._parts.append(chunk)
 
     def bytes(self) -> bytes:
-        return self._first if self._more is None else bytes(self._more)
+        return b"".join(self._parts)  # a body that came in one piece is that piece, not a copy
 
 
-# Requests and answers are frozen, but built once or twice per request: their __init__ sets the
-# slots through their descriptors, at about half the cost of the generated one, which goes
-# through object.__setattr__ for every field.
+def add_header(headers: dict[str, str], name: bytes, value: bytes) -> None:
+    """Add a header as llhttp reads it: the name in lower case, a repeated header's values
+    joined with ``", "``."""
+    key, text = name.decode("latin-1").lower(), value.decode("latin-1")
+    seen = headers.setdefault(key, text)
+    if seen is not text:
+        headers[key] = f"{seen}, {text}"
 
 
 @dataclass(frozen=True, slots=True, eq=False)
 class Request:
-    """One whole request: the server reads the body, within the limits, before a handler runs.
-
-    ``path`` is as sent (no percent-decoding), without the query string; header names are in
-    lower case and a repeated header's values are joined with ``", "``. ``params`` holds the
-    values of the route's ``{param}`` segments.
-    """
+    """One whole request, body read within the limits. ``path`` is as sent (no percent-decoding),
+    without the query string; headers as :func:`add_header` keeps them; ``params`` holds the
+    values of the route's ``{param}`` segments."""
 
     method: str
     path: str
     query: str
     headers: Mapping[str, str]
     body: bytes
-    params: Mapping[str, str] = EMPTY
-
-    def __init__(
-        self,
-        method: str,
-        path: str,
-        query: str,
-        headers: Mapping[str, str],
-        body: bytes,
-        params: Mapping[str, str] = EMPTY,
-    ) -> None:
-        _set_method(self, method)
-        _set_path(self, path)
-        _set_query(self, query)
-        _set_request_headers(self, headers)
-        _set_request_body(self, body)
-        _set_params(self, params)
-
-
-_set_method, _set_path, _set_query, _set_request_headers, _set_request_body, _set_params = (
-    Request.__dict__[name].__set__ for name in ("method", "path", "query", "headers", "body", "params")
-)
-_JSON = MappingProxyType({"Content-Type": "application/json"})
+    params: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -150,12 +94,7 @@ class Response:
 
     body: bytes = b""
     status: int = 200
-    headers: Mapping[str, str] = EMPTY
-
-    def __init__(self, body: bytes = b"", status: int = 200, headers: Mapping[str, str] = EMPTY) -> None:
-        _set_body(self, body)
-        _set_status(self, status)
-        _set_headers(self, headers)
+    headers: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
     def json(cls, doc: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> Response:
@@ -166,11 +105,6 @@ class Response:
     @classmethod
     def text(cls, text: str, status: int = 200, content_type: str = "text/plain; charset=utf-8") -> Response:
         return cls(text.encode(), status, {"Content-Type": content_type})
-
-
-_set_body, _set_status, _set_headers = (
-    Response.__dict__[name].__set__ for name in ("body", "status", "headers")
-)
 
 
 Handler = Callable[[Request], Response | Awaitable[Response]]
@@ -192,9 +126,9 @@ _Table = dict[str, Handler]  # method -> handler, for one path
 class Router:
     """One service's endpoints, declared once as data; every entry point serves this table.
 
-    Exact paths are looked up in a dict, the hot path; paths with ``{param}`` segments are
-    matched after, in declaration order, by precompiled patterns. ``on_status`` sees the status
-    of every answer, refusals included (a service counts them).
+    Exact paths are looked up in a dict; paths with ``{param}`` segments are matched after, in
+    declaration order, by precompiled patterns. ``on_status`` sees the status of every answer,
+    refusals included (a service counts them).
     """
 
     def __init__(
@@ -204,12 +138,11 @@ class Router:
         token: str | None = None,
         on_status: Callable[[int], None] | None = None,
     ) -> None:
-        self._routes = tuple(routes)
         self._token = token
-        self._on_status = on_status
+        self._on_status: Callable[[int], None] = on_status or (lambda status: None)
         self._exact: dict[str, _Table] = {}
         patterns: dict[str, _Table] = {}
-        for route in self._routes:
+        for route in routes:
             if route.method not in METHODS:
                 raise ConfigError(f"route {route.path}: {route.method!r} is not one of {sorted(METHODS)}")
             table = (patterns if "{" in route.path else self._exact).setdefault(route.path, {})
@@ -221,17 +154,10 @@ class Router:
                 table["HEAD"] = table["GET"]  # the server sends the head of the GET answer only
         self._patterns = [(_compile(path), table) for path, table in patterns.items()]
 
-    @property
-    def routes(self) -> tuple[Route, ...]:
-        return self._routes
-
     def handle(self, request: Request) -> Response | Awaitable[Response]:
-        """The answer to ``request``; never raises, every failure is an error answer.
-
-        A handler that answers at once is answered at once, without a coroutine or a task: a
-        worker answers small batches inline on its hot path. An awaitable answer comes back
-        as one coroutine that turns its failures into error answers too.
-        """
+        """The answer to ``request``; never raises, every failure is an error answer. A handler
+        that answers at once is answered at once, without a coroutine or a task (a worker
+        answers small batches inline); an awaitable comes back as one coroutine."""
         try:
             if self._token is not None:
                 check_token(request.path, request.headers.get("authorization"), self._token)
@@ -248,8 +174,7 @@ class Router:
         except Exception as exc:
             return self.error(exc, f"{request.method} {request.path}")
         if isinstance(result, Response):
-            if self._on_status is not None:
-                self._on_status(result.status)
+            self._on_status(result.status)
             return result
         return self._later(result, request)
 
@@ -257,8 +182,7 @@ class Router:
         """The error answer to ``exc``, counted like every answer; servers answer their own
         refusals (bad framing, limits, timeouts) through it."""
         response = error_response(exc, what)
-        if self._on_status is not None:
-            self._on_status(response.status)
+        self._on_status(response.status)
         return response
 
     async def _later(self, pending: Awaitable[Response], request: Request) -> Response:
@@ -268,18 +192,15 @@ class Router:
                 raise TypeError(f"the handler of {request.path} answered {type(response).__name__}")
         except Exception as exc:
             return self.error(exc, f"{request.method} {request.path}")
-        if self._on_status is not None:
-            self._on_status(response.status)
+        self._on_status(response.status)
         return response
 
     def _match(self, request: Request) -> tuple[_Table, Request]:
         for pattern, table in self._patterns:
             found = pattern.fullmatch(request.path)
             if found is not None:
-                params = found.groupdict()
-                return table, Request(
-                    request.method, request.path, request.query, request.headers, request.body, params
-                )
+                r, params = request, found.groupdict()
+                return table, Request(r.method, r.path, r.query, r.headers, r.body, params)
         raise NotFoundError(f"no endpoint at {request.path}")
 
 
@@ -297,12 +218,11 @@ def _compile(path: str) -> re.Pattern[str]:
 
 
 def error_response(exc: BaseException, what: str = "a request") -> Response:
-    """The answer to a failure: the one mapping, for every server and entry point.
+    """The answer to a failure, ``{"error": message}``: the one mapping, for every entry point.
 
-    A :class:`ServingError` answers its own status and message; another :class:`CollageError`
-    is a 500 with its message, logged; anything else is a bug: a 500 that reveals nothing,
-    logged with its traceback.
-    """
+    A :class:`ServingError` answers its own status (with ``Retry-After`` on 429 and 503); another
+    :class:`CollageError` is a 500 with its message, logged; anything else is a bug: a 500 that
+    reveals nothing, logged with its traceback."""
     headers = dict(_JSON)
     if isinstance(exc, ServingError):
         status, message = exc.status, str(exc)
