@@ -54,7 +54,7 @@ from types import MappingProxyType
 from typing import Any
 from urllib.parse import urlsplit
 
-import aiohttp
+import httptools
 import numpy as np
 from multidict import CIMultiDict
 
@@ -473,7 +473,7 @@ def environment() -> dict[str, Any]:
     without its machine is not a result."""
     return {
         "python": platform.python_version(),
-        "aiohttp": aiohttp.__version__,
+        "httptools": httptools.__version__,
         "platform": platform.platform(terse=True),
         "machine": platform.machine(),
         "cpus": os.cpu_count(),

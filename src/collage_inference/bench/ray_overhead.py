@@ -3,7 +3,7 @@
 Three targets, one run, the same open-loop load generator, rate and images, no stragglers:
 
 1. ``local``: the collage front end on the local backend (mode collage, S = 2: 4 s-CNN worker
-   processes and 1 collage worker behind the aiohttp front end);
+   processes and 1 collage worker behind the front end's own HTTP server);
 2. ``ray``: the very same front end on Ray Serve (4 s-CNN replicas, 1 collage replica, the
    front end as the ingress), on a private Ray instance of this machine's cores. Same fan-out:
    each request makes one s-CNN call, each group of S*S one collage call;

@@ -49,7 +49,8 @@ class HttpTransport:
     def infer(self, images: np.ndarray, timeout: float) -> Awaitable[Inference]:
         """Send uint8 images (N, H, W, C), written now when a keep-alive connection is idle."""
         try:
-            reply = self._client.send(self._prefix(images.shape) + images.astype(np.uint8).tobytes(), timeout)
+            pixels = images.astype(np.uint8, copy=False).tobytes()
+            reply = self._client.send(self._prefix(images.shape) + pixels, timeout)
         except OSError as exc:  # the write itself failed: the connection is broken
             raise WorkerDownError(f"worker {self.url} failed: {exc!r}") from exc
         return self._result(reply)
