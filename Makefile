@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup data demo test test-fast models lint clean
+.PHONY: setup data tools demo test test-fast models lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,7 +14,11 @@ $(STAMP): pyproject.toml
 data:
 	@scripts/ensure-data.sh
 
-setup: $(STAMP) data
+# Prometheus and promtool, which the metrics tests run against (skipped where they cannot be had).
+tools:
+	@scripts/ensure-tools.sh
+
+setup: $(STAMP) data tools
 
 demo: setup
 	$(BIN)/collage demo

@@ -164,10 +164,10 @@ def test_every_request_answered_once_and_accurately(first_run: dict[str, Any], f
     accuracy = float(np.mean([a["label"] == y for a, y in zip(answers, labels, strict=True)]))
     assert accuracy >= 0.9, (accuracy, Counter(a["source"] for a in answers))
     delta = {k: after.get(k, 0) - before.get(k, 0) for k in after}
-    assert metric_total(delta, "nv_inference_request_success") == IMAGES
+    assert metric_total(delta, "nv_inference_request_success_total") == IMAGES
     assert metric_total(delta, "collage_answers_total") == IMAGES
     assert (
-        metric_total(delta, "nv_inference_request_failure") == 0
+        metric_total(delta, "nv_inference_request_failure_total") == 0
         and metric_total(delta, "collage_bad_requests_total") == 0
     )
     sources = Counter(a["source"] for a in answers)

@@ -4,7 +4,6 @@ it serving, limits, injected stragglers, both backends, and a clean SIGTERM."""
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ import pytest
 
 from collage_inference.grid import fit_images, pack
 from collage_inference.onnxfile import read_onnx_meta
+from collage_inference.serving.metrics import parse_metrics
 from collage_inference.serving.v2 import (
     HEADER_LENGTH,
     InferRequest,
@@ -239,9 +239,9 @@ def test_limits_queue_and_injected_stragglers(serving_models, worker_factory) ->
     assert sorted(r[0] for r in replies) == [200, 200, 429], [r[2][:200] for r in replies]
     (refused,) = [r for r in replies if r[0] == 429]
     assert refused[1]["Retry-After"] == "1"
-    shown = call("GET", f"{worker.url}/metrics")[2].decode()
-    assert re.search(r"collage_worker_shed_total\{[^}]*\} 1$", shown, re.M)
-    assert re.search(r"collage_worker_queue_limit\{[^}]*\} 2$", shown, re.M)
+    shown = parse_metrics(call("GET", f"{worker.url}/metrics")[2].decode())  # prometheus_client's parser
+    assert shown[("collage_worker_shed_total", f'model="{name}"')] == 1
+    assert shown[("collage_worker_queue_limit", f'model="{name}"')] == 2
     timings = [parse_infer_response(r[2], r[1][HEADER_LENGTH]).parameters for r in replies if r[0] == 200]
     for t in timings:
         assert t["compute_ms"] + t["injected_ms"] == pytest.approx(300, abs=2)

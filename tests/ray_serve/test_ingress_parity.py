@@ -173,7 +173,7 @@ def test_every_endpoint_answers_alike_through_the_server_and_the_ingress() -> No
     assert ray[12][1]["label"] == 5 and ray[13][1]["label"] == 3
     names = {line.split("{")[0] for line in aio_metrics.splitlines() if not line.startswith("#")}
     assert names == {line.split("{")[0] for line in ray_metrics.splitlines() if not line.startswith("#")}
-    for name in ("collage_bad_requests_total", "nv_inference_request_success"):
+    for name in ("collage_bad_requests_total", "nv_inference_request_success_total"):
         assert counter(ray_metrics, name) == counter(aio_metrics, name) > 0
 
 

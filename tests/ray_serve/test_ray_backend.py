@@ -169,7 +169,7 @@ def test_serves_real_images_with_the_right_labels(first_run, fashion_test) -> No
     accuracy = np.mean([a["label"] for a in answers] == labels)
     assert len(answers) == IMAGES and accuracy >= 0.85, accuracy
     assert {a["source"] for a in answers} <= {"primary", "collage", "replica"}
-    assert metric(first_run["metrics"], "nv_inference_request_success") == IMAGES
+    assert metric(first_run["metrics"], "nv_inference_request_success_total") == IMAGES
 
 
 def test_slow_replica_is_rescued_by_the_collage_and_its_calls_cancelled(first_run) -> None:

@@ -167,7 +167,7 @@ async def fetch_metrics(session: aiohttp.ClientSession, url: str) -> dict[tuple[
 
 def resolved_by_frontend(before: dict, after: dict) -> int:
     """Requests the front end settled (answered, failed, or shed) between two scrapes."""
-    names = ("nv_inference_request_success", "nv_inference_request_failure", "collage_shed_total")
+    names = ("nv_inference_request_success_total", "nv_inference_request_failure_total", "collage_shed_total")
     return int(sum(metric_total(after, n) - metric_total(before, n) for n in names))
 
 

@@ -26,6 +26,7 @@ run above a quarter (``retry_busy``), keeping the quieter attempt.
 
 from __future__ import annotations
 
+import re
 import statistics
 import sys
 import time
@@ -154,7 +155,7 @@ def front_end_counters(url: str, sent: int) -> dict[str, float | None]:
         return next((v for (n, _), v in found.items() if n == name), None)
 
     sizes = [
-        (int(labels.split('"')[1]), n)
+        (int(re.search(r'size="(\d+)"', labels)[1]), n)
         for (name, labels), n in found.items()
         if name == "collage_group_size_total"
     ]

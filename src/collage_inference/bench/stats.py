@@ -15,6 +15,15 @@ with Chan's parallel update, which stays accurate when merging runs of very diff
 The percentile definition is the inverted CDF (the smallest value with at least p% of the
 values at or below it), numpy's ``method="inverted_cdf"``: it always names a latency that was
 actually observed (up to bucket precision), never an interpolation between two.
+
+Why ours and not HdrHistogram's Python port (``hdrhistogram``): the load generator records a
+run's latencies as one array and the bench merges repeats, and on those ours is faster by far.
+``scripts/histogram_vs_hdr.py`` on a million latencies of the shared cloud trace (2026-11-29,
+2 vCPUs AMD EPYC): recording them takes 13 ms here against 870 ms there (it records one value
+per call), merging two histograms 0.01 ms against 0.06 ms; the port wins on a single value at a
+time (0.9 us against 20 us, not how it is used here). Both keep their stated precision (p50 to
+p99.9 within 0.17% of the exact order statistic here, 0.06% there, against 0.39% and 0.1%
+stated); ``tests/unit/bench/test_stats.py`` checks the two agree.
 """
 
 from __future__ import annotations

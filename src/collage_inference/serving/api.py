@@ -34,6 +34,7 @@ from collage_inference.config import (
 )
 from collage_inference.errors import CollageError, ConfigError, ListenError, ModelNotFoundError, ProtocolError
 from collage_inference.serving.frontend import FrontEnd, build_frontend
+from collage_inference.serving.metrics import Exposition, Metric
 from collage_inference.serving.payloads import (
     answer_json,
     check_side,
@@ -69,6 +70,7 @@ class FrontEndApi:
         self.frontend = frontend
         self.model_name = frontend.settings.model_name
         self.parser = V2Parser(limits)
+        self.exposition = Exposition(self._families)
 
     def router(self, token: str | None = None) -> Router:
         """The route table: every entry point serves this one."""
@@ -207,14 +209,17 @@ class FrontEndApi:
         )
 
     def metrics(self, request: Request) -> Response:
-        """The Prometheus exposition text: the front end's counters and per-worker gauges."""
+        """The Prometheus exposition: the front end's counters and per-worker gauges."""
+        return Response(self.exposition.render(), 200, {"Content-Type": Exposition.CONTENT_TYPE})
+
+    def _families(self) -> list[Metric]:
         frontend = self.frontend
         workers = [
             (w.id, w.transport.name, int(w.up), w.outstanding, w.calls)
             for p in frontend.pools
             for w in p.workers
         ]
-        return Response.text(frontend.metrics.render(workers, frontend.in_flight))
+        return frontend.metrics.families(workers, frontend.in_flight)
 
     def move_worker(self, request: Request) -> Response:
         """``PUT /admin/workers/{id}`` with ``{"url": ...}``: a worker restarted at a new address."""

@@ -1,17 +1,35 @@
-"""Prometheus metrics of the front end, rendered by hand in the text exposition format.
+"""Prometheus metrics: plain counters on the request path, exposed through ``prometheus_client``.
 
-Request counters and durations follow Triton's naming (``nv_inference_*``) so existing
-dashboards read them; collage-specific series use the ``collage_`` prefix: answers by source,
-straggler detections, group sizes, late replies dropped, load shed, worker health.
+The front end counts into :class:`Metrics`, plain Python numbers, and a scrape turns them into
+metric families that ``prometheus_client`` renders (:class:`Exposition`), so the exposition is
+the library's and the request path pays nothing for it. Measured side by side (timeit, this
+2-core machine): the library's own instruments for what one answered request records (five
+counters and a histogram) cost 3.8 to 4.1 us hot and 8.5 to 10.7 us after a 2 ms idle; the
+plain counters 0.35 us hot and 1.9 to 7.0 us after the same idle.
+
+Request counters keep Triton's family names (``nv_inference_request_success``,
+``..._failure``, ``nv_inference_count``) with its ``model`` and ``version`` labels; like every
+counter ``prometheus_client`` writes, their samples end in ``_total``, where Triton's own
+exposition omits it. Triton's duration counters are in microseconds (``..._duration_us``), which
+``promtool check metrics`` refuses as an abbreviated unit, so durations are in seconds here: the
+latency histogram ``collage_request_duration_seconds`` (its ``_sum`` is the cumulative request
+duration) and the ``collage_queue_duration_seconds`` / ``collage_compute_duration_seconds``
+counters. Collage-specific series use the ``collage_`` prefix: answers by source, straggler
+detections, group sizes, late replies dropped, load shed, and one family per worker gauge with
+a sample per worker. Every family carries the served model's name as its ``model`` label.
 """
 
 from __future__ import annotations
 
 import bisect
 import itertools
-import re
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator, Sequence
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
+from prometheus_client.parser import text_string_to_metric_families
 
 from collage_inference.serving.types import Answer, Group
 
@@ -20,7 +38,8 @@ DURATION_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2
 
 
 class Metrics:
-    """Counters kept by the front end; :meth:`render` writes the exposition text."""
+    """Counters kept by the front end (the decoder reports to them too); :meth:`families`
+    turns them into metric families at scrape time."""
 
     def __init__(self, model: str = "classifier") -> None:
         self.model = model
@@ -73,76 +92,110 @@ class Metrics:
         """Requests whose primary was too late: answered by another path or re-issued."""
         return self.answers["collage"] + self.reissues
 
-    def render(self, workers: Iterable[WorkerGauges] = (), in_flight: int = 0) -> str:
-        """The exposition text, with one sample per worker in each per-worker family."""
+    def families(self, workers: Iterable[WorkerGauges] = (), in_flight: int = 0) -> list[Metric]:
+        """The front end's metric families now; one sample per worker in each worker family."""
+        model, mv = [self.model], [self.model, "1"]
         workers = list(workers)
-        m = f'model="{self.model}",version="1"'
-        lines: list[str] = []
-        one = lambda value: [("", value)]  # noqa: E731  (a family with a single, unlabelled sample)
-        bucket_counts = zip(DURATION_BUCKETS, itertools.accumulate(self.duration_counts[:-1]), strict=True)
-        families = [
-            ("nv_inference_request_success", "counter", "Successful inference requests", [(m, self.success)]),
-            ("nv_inference_request_failure", "counter", "Failed inference requests",
-             [(m, sum(self.failures.values()))]),
-            ("nv_inference_count", "counter", "Inferences performed", [(m, self.success)]),
-            ("nv_inference_request_duration_us", "counter", "Cumulative end-to-end request duration",
-             [(m, round(self.duration_sum * 1e6))]),
-            ("nv_inference_queue_duration_us", "counter", "Cumulative worker queue duration of answers",
-             [(m, round(self.queue_sum * 1e6))]),
-            ("nv_inference_compute_infer_duration_us", "counter", "Cumulative worker compute of answers",
-             [(m, round(self.compute_sum * 1e6))]),
-            ("collage_answers_total", "counter", "Answers by the path that gave them",
-             [(f'source="{s}"', self.answers[s]) for s in ("primary", "collage", "replica")]),
-            ("collage_failures_total", "counter", "Requests failed, by HTTP status",
-             [(f'status="{s}"', n) for s, n in sorted(self.failures.items())]),
-            ("collage_straggler_detections_total", "counter",
-             "Requests whose primary was late: answered by the collage or re-issued", one(self.stragglers)),
-            ("collage_reissues_total", "counter", "s-CNN calls re-issued to another worker",
-             one(self.reissues)),
-            ("collage_reissues_skipped_total", "counter",
-             "Re-issues for lateness not sent because no worker was idle (reissue_to idle)",
-             one(self.reissues_skipped)),
-            ("collage_collages_skipped_total", "counter",
-             "Groups whose collage was not sent: the collage worker's backlog outlasted the straggler window",
-             one(self.collages_skipped)),
-            ("collage_group_deadline_seconds", "gauge",
-             "The group deadline the grouper chose for the newest group", one(self.group_deadline)),
-            ("collage_straggler_window_seconds", "gauge",
-             "The straggler window W (p99 of primary latencies minus one collage pass) for the newest group",
-             one(self.straggler_window)),
-            ("collage_group_size_total", "counter", "Groups closed, by requests in the group",
-             [(f'size="{s}"', n) for s, n in sorted(self.group_sizes.items())]),
-            ("collage_groups_closed_total", "counter", "Groups closed, by reason",
-             [(f'reason="{r}"', n) for r, n in sorted(self.group_reasons.items())]),
-            ("collage_worker_errors_total", "counter", "Worker calls that failed", one(self.worker_errors)),
-            ("collage_shed_total", "counter", "Requests refused with 429 (overload)", one(self.shed)),
-            ("collage_bad_requests_total", "counter", "Requests refused with 4xx", one(self.bad_requests)),
-            ("collage_cancelled_calls_total", "counter",
-             "Pending s-CNN calls cancelled because their request was answered (transports that can cancel)",
-             one(self.cancelled)),
-            ("collage_decoder_late_replies", "gauge", "Replies dropped because their request was answered",
-             one(sum(self.late_replies.values()))),
-            ("collage_requests_in_flight", "gauge", "Requests admitted and not yet answered", one(in_flight)),
-            *((name, "gauge", help_text, [(f'worker="{w[0]}",url="{w[1]}"', w[i]) for w in workers])
-              for name, help_text, i in (("collage_worker_up", "1 when the worker is taking requests", 2),
-                                         ("collage_worker_outstanding", "Calls in flight to the worker", 3),
-                                         ("collage_worker_calls", "Calls sent to the worker", 4))),
+        cumulative = zip(DURATION_BUCKETS, itertools.accumulate(self.duration_counts[:-1]), strict=True)
+        latency = HistogramMetricFamily(
+            "collage_request_duration_seconds", "End-to-end latency of answered requests", labels=["model"]
+        )
+        latency.add_metric(
+            model,
+            [*((f"{b:g}", c) for b, c in cumulative), ("+Inf", self.success)],
+            self.duration_sum,
+        )
+        per_worker = [[w[0], w[1]] for w in workers]
+        return [
+            counter("nv_inference_request_success", "Successful inference requests", ("model", "version"),
+                    [(mv, self.success)]),
+            counter("nv_inference_request_failure", "Failed inference requests", ("model", "version"),
+                    [(mv, sum(self.failures.values()))]),
+            counter("nv_inference_count", "Inferences performed", ("model", "version"), [(mv, self.success)]),
+            counter("collage_queue_duration_seconds", "Cumulative worker queue time of the answering calls",
+                    ("model",), [(model, self.queue_sum)]),
+            counter("collage_compute_duration_seconds", "Cumulative worker compute of the answering calls",
+                    ("model",), [(model, self.compute_sum)]),
+            latency,
+            counter("collage_answers", "Answers by the path that gave them", ("model", "source"),
+                    [([self.model, s], self.answers[s]) for s in ("primary", "collage", "replica")]),
+            counter("collage_failures", "Requests failed, by HTTP status", ("model", "status"),
+                    [([self.model, str(s)], n) for s, n in sorted(self.failures.items())]),
+            counter("collage_straggler_detections",
+                    "Requests whose primary was late: answered by the collage or re-issued", ("model",),
+                    [(model, self.stragglers)]),
+            counter("collage_reissues", "s-CNN calls re-issued to another worker", ("model",),
+                    [(model, self.reissues)]),
+            counter("collage_reissues_skipped",
+                    "Re-issues for lateness not sent because no worker was idle (reissue_to idle)",
+                    ("model",), [(model, self.reissues_skipped)]),
+            counter("collage_collages_skipped",
+                    "Groups whose collage was not sent: its worker's backlog outlasted the straggler window",
+                    ("model",), [(model, self.collages_skipped)]),
+            gauge("collage_group_deadline_seconds", "The group deadline chosen for the newest group",
+                  ("model",), [(model, self.group_deadline)]),
+            gauge("collage_straggler_window_seconds",
+                  "The straggler window W (p99 of primary latencies minus one collage pass), newest group",
+                  ("model",), [(model, self.straggler_window)]),
+            counter("collage_group_size", "Groups closed, by requests in the group", ("model", "size"),
+                    [([self.model, str(s)], n) for s, n in sorted(self.group_sizes.items())]),
+            counter("collage_groups_closed", "Groups closed, by reason", ("model", "reason"),
+                    [([self.model, r], n) for r, n in sorted(self.group_reasons.items())]),
+            counter("collage_worker_errors", "Worker calls that failed", ("model",),
+                    [(model, self.worker_errors)]),
+            counter("collage_shed", "Requests refused with 429 (overload)", ("model",), [(model, self.shed)]),
+            counter("collage_bad_requests", "Requests refused with 4xx", ("model",),
+                    [(model, self.bad_requests)]),
+            counter("collage_cancelled_calls",
+                    "Pending s-CNN calls cancelled once their request was answered (transports that can)",
+                    ("model",), [(model, self.cancelled)]),
+            counter("collage_late_replies", "Replies dropped because their request was already answered",
+                    ("model", "source"), [([self.model, s], n) for s, n in self.late_replies.items()]),
+            gauge("collage_requests_in_flight", "Requests admitted and not yet answered", ("model",),
+                  [(model, in_flight)]),
+            gauge("collage_worker_up", "1 when the worker is taking requests", ("worker", "url"),
+                  [(labels, w[2]) for labels, w in zip(per_worker, workers, strict=True)]),
+            gauge("collage_worker_outstanding", "Calls in flight to the worker", ("worker", "url"),
+                  [(labels, w[3]) for labels, w in zip(per_worker, workers, strict=True)]),
+            counter("collage_worker_calls", "Calls sent to the worker", ("worker", "url"),
+                    [(labels, w[4]) for labels, w in zip(per_worker, workers, strict=True)]),
         ]  # fmt: skip
-        for name, kind, help_text, samples in families:
-            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
-            lines += [f"{name}{{{labels}}} {value:g}" for labels, value in samples]
-        lines += [
-            "# HELP collage_request_duration_seconds End-to-end latency of answered requests",
-            "# TYPE collage_request_duration_seconds histogram",
-            *(f'collage_request_duration_seconds_bucket{{{m},le="{b:g}"}} {c}' for b, c in bucket_counts),
-            f'collage_request_duration_seconds_bucket{{{m},le="+Inf"}} {self.success}',
-            f"collage_request_duration_seconds_sum{{{m}}} {self.duration_sum:g}",
-            f"collage_request_duration_seconds_count{{{m}}} {self.success}",
-        ]
-        return "\n".join(lines) + "\n"
 
 
-_SAMPLE = re.compile(r"(\w+)(?:\{(.*)\})? (\S+)")
+Samples = Iterable[tuple[Sequence[str], float]]
+
+
+def counter(name: str, doc: str, labels: Sequence[str], samples: Samples) -> CounterMetricFamily:
+    """A counter family (``prometheus_client`` names its samples ``name_total``)."""
+    family = CounterMetricFamily(name, doc, labels=list(labels))
+    for values, value in samples:
+        family.add_metric(list(values), value)
+    return family
+
+
+def gauge(name: str, doc: str, labels: Sequence[str], samples: Samples) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(name, doc, labels=list(labels))
+    for values, value in samples:
+        family.add_metric(list(values), value)
+    return family
+
+
+class Exposition:
+    """A registry whose one collector builds its families at scrape time: what a ``/metrics``
+    endpoint serves. ``CONTENT_TYPE`` is the exposition format's media type."""
+
+    CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4  # the classic text format generate_latest writes
+
+    def __init__(self, collect: Callable[[], Iterable[Metric]]) -> None:
+        self._collect = collect
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(self)
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._collect()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
 
 
 def metric_total(found: dict[tuple[str, str], float], name: str, labels: str = "") -> float:
@@ -151,10 +204,10 @@ def metric_total(found: dict[tuple[str, str], float], name: str, labels: str = "
 
 
 def parse_metrics(text: str) -> dict[tuple[str, str], float]:
-    """Exposition text back to {(name, labels): value}, for clients, tests and the harness."""
-    found = {}
-    for line in text.splitlines():
-        match = _SAMPLE.fullmatch(line)
-        if match and not line.startswith("#"):
-            found[(match[1], match[2] or "")] = float(match[3])
-    return found
+    """Exposition text (read by ``prometheus_client``'s parser) as {(sample name, labels): value},
+    labels written ``k="v"`` in name order, for clients, tests and the harness."""
+    return {
+        (sample.name, ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }

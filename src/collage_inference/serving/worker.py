@@ -39,6 +39,7 @@ from collage_inference.errors import (
     ModelNotFoundError,
     ProtocolError,
 )
+from collage_inference.serving.metrics import Exposition, Metric, counter, gauge
 from collage_inference.serving.modelserver import ModelServer, Result
 from collage_inference.serving.runtime import BACKENDS
 from collage_inference.serving.v2 import (
@@ -67,6 +68,7 @@ class WorkerApi:
     def __init__(self, server: ModelServer) -> None:
         self.server = server
         self.parser = V2Parser(server.settings.limits)
+        self.exposition = Exposition(self._families)
 
     def router(self, token: str | None = None) -> Router:
         routes = [
@@ -177,19 +179,18 @@ class WorkerApi:
         )
 
     def metrics(self, request: Request) -> Response:
-        server, lines = self.server, []
-        for name, kind, help_text, value in (
-            ("collage_worker_queue_depth", "gauge", "Calls admitted and not finished", server.queued),
-            ("collage_worker_queue_limit", "gauge", "Calls admitted before 429", server.settings.max_queue),
-            ("collage_worker_requests_total", "counter", "Inference calls finished", server.served),
-            ("collage_worker_shed_total", "counter", "Inference calls refused with 429", server.shed),
-        ):
-            lines += [
-                f"# HELP {name} {help_text}",
-                f"# TYPE {name} {kind}",
-                f'{name}{{model="{server.name}"}} {value}',
-            ]
-        return Response.text("\n".join(lines) + "\n")
+        return Response(self.exposition.render(), 200, {"Content-Type": Exposition.CONTENT_TYPE})
+
+    def _families(self) -> list[Metric]:
+        server, model = self.server, ("model",)
+        name = [server.name]
+        return [
+            gauge("collage_worker_queue_depth", "Calls in the queue", model, [(name, server.queued)]),
+            gauge("collage_worker_queue_limit", "Calls admitted before 429", model,
+                  [(name, server.settings.max_queue)]),
+            counter("collage_worker_requests", "Inference calls finished", model, [(name, server.served)]),
+            counter("collage_worker_shed", "Inference calls refused with 429", model, [(name, server.shed)]),
+        ]  # fmt: skip
 
 
 async def serve_worker(settings: WorkerSettings) -> None:

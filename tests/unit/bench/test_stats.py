@@ -144,3 +144,18 @@ def test_bad_layouts_are_config_errors() -> None:
         Histogram(min_value=1.0, max_value=0.5)
     with pytest.raises(ConfigError):
         Histogram().merge(Histogram(sub_bucket_bits=5))
+
+
+def test_percentiles_agree_with_hdrhistogram_within_the_stated_precision() -> None:
+    from hdrh.histogram import HdrHistogram
+
+    rng = np.random.default_rng(7)
+    values = np.concatenate([0.038 + rng.lognormal(-2.3, 0.31, 20_000), rng.normal(0.7, 0.045, 400)])
+    ours = Histogram()
+    ours.record(values)
+    hdr = HdrHistogram(1, 3600 * 10**9, 3)  # nanoseconds, 3 significant digits (0.1%)
+    for v in (values * 1e9).astype(np.int64).tolist():
+        hdr.record_value(v)
+    for p in (50.0, 90.0, 99.0, 99.9):
+        theirs = hdr.get_value_at_percentile(p) / 1e9
+        assert abs(ours.percentile(p) - theirs) <= (ours.relative_precision + 0.001) * theirs, p

@@ -6,8 +6,7 @@ from collage_inference.errors import ConfigError
 from collage_inference.modes import MODES, get_mode
 from collage_inference.serving.clock import FakeClock
 from collage_inference.serving.decoder import Decoder, DecoderConfig
-from collage_inference.serving.metrics import Metrics
-from collage_inference.serving.types import Answer, Reissue, Reply, Request, Source
+from collage_inference.serving.types import Reissue, Reply, Request, Source
 
 CLASSES = tuple(str(i) for i in range(10))
 
@@ -46,22 +45,6 @@ def test_replicate_reissues_after_its_fixed_timeout_and_none_does_not():
     assert _reissue_after("replicate", 0.06)
     assert not _reissue_after("none", 1.0)
     assert not _reissue_after("equal", 1.0)
-
-
-def test_metrics_render_triton_names_and_sources():
-    metrics = Metrics("fashion")
-    metrics.observe_answer(Answer("r0", 3, "3", 0.9, Source.COLLAGE, 0.004, "c0", {"compute": 0.001}))
-    metrics.observe_failure(504)
-    text = metrics.render([("w0", "http://a", 1, 2, 7), ("w1", "http://b", 0, 0, 3)], in_flight=4)
-    assert 'nv_inference_request_success{model="fashion",version="1"} 1' in text  # the served name
-    assert 'nv_inference_request_failure{model="fashion",version="1"} 1' in text
-    assert 'collage_answers_total{source="collage"} 1' in text
-    assert 'collage_request_duration_seconds_bucket{model="fashion",version="1",le="0.005"} 1' in text
-    assert 'collage_worker_up{worker="w0",url="http://a"} 1' in text
-    assert 'collage_worker_calls{worker="w1",url="http://b"} 3' in text
-    assert text.count("# HELP collage_worker_up ") == 1  # one family, a sample per worker
-    assert "collage_requests_in_flight{} 4" in text
-    assert metrics.stragglers == 1
 
 
 def test_reply_probabilities_pick_the_label():
