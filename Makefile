@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup data tools demo test test-fast models lint clean
+.PHONY: setup data tools triton demo test test-fast models lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,7 +18,12 @@ data:
 tools:
 	@scripts/ensure-tools.sh
 
-setup: $(STAMP) data tools
+# Triton (through nvidia-pytriton) and KServe in .venv-triton, for the tests in front of real
+# V2 servers (skipped where they cannot be installed).
+triton:
+	@PYTHON=$(PYTHON) scripts/ensure-triton.sh
+
+setup: $(STAMP) data tools triton
 
 demo: setup
 	$(BIN)/collage demo
@@ -38,4 +43,4 @@ lint: setup
 	$(BIN)/ruff format --check src tests
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) .venv-triton build *.egg-info .pytest_cache

@@ -65,6 +65,7 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from collage_inference.errors import ConfigError
@@ -125,12 +126,24 @@ def _choice(value: Any, key: str, choices: tuple[str, ...] | list[str]) -> str:
     return value
 
 
+FACT_KEYS = ("kind", "grid", "labels", "image_size", "channels")  # what the front end must know of a model
+CONTRACTS = ("image", "tensor")
+
+
 @dataclass(frozen=True)
 class WorkerEndpoint:
-    """A V2 model server the front end calls: its base URL and the model name in its URLs."""
+    """A V2 model server the front end calls: its base URL, the model name in its URLs, and,
+    where the server does not publish them, the model's facts: from ``model_file`` (an exported
+    ONNX file's metadata) and explicit ``facts`` (kind, grid, labels, image_size, channels),
+    which override the file. ``contract``: ``image`` (a collage-inference worker: UINT8 images
+    in, probabilities out) or ``tensor`` (the exported model's own: FP32 N,C,H,W in, logits
+    out); None: read from the server's metadata."""
 
     url: str
     model: str
+    model_file: Path | None = None
+    contract: str | None = None
+    facts: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not isinstance(self.url, str) or not self.url.startswith(("http://", "https://")):
@@ -141,11 +154,33 @@ class WorkerEndpoint:
             raise ConfigError(
                 f'worker {self.url} needs `model`, the model name in its V2 URLs, e.g. model = "scnn"'
             )
+        if self.contract is not None and self.contract not in CONTRACTS:
+            raise ConfigError(f"worker {self.url}: contract is {self.contract!r}; choose image or tensor")
+        if self.model_file is not None:
+            object.__setattr__(self, "model_file", Path(self.model_file).expanduser())
+            if not self.model_file.is_file():
+                raise ConfigError(f"worker {self.url}: model_file {self.model_file} is not a file")
+        unknown = set(self.facts) - set(FACT_KEYS)
+        if unknown:
+            raise ConfigError(
+                f"worker {self.url}: unknown keys {sorted(unknown)}; facts are {', '.join(FACT_KEYS)}"
+            )
+        object.__setattr__(self, "facts", MappingProxyType(dict(self.facts)))
 
     @property
     def arg(self) -> str:
-        """The front end's ``--scnn`` / ``--collage`` value."""
-        return f"{self.url.rstrip('/')}#{self.model}"
+        """The front end's ``--scnn`` / ``--collage`` value: ``URL#MODEL[@MODEL_FILE]``."""
+        base = f"{self.url.rstrip('/')}#{self.model}"
+        return f"{base}@{self.model_file}" if self.model_file else base
+
+    def table(self) -> dict[str, Any]:
+        """As a ``[[scnn]]`` / ``[[collage]]`` table (what a settings file holds)."""
+        table: dict[str, Any] = {"url": self.url, "model": self.model, **self.facts}
+        if self.model_file is not None:
+            table["model_file"] = str(self.model_file)
+        if self.contract is not None:
+            table["contract"] = self.contract
+        return table
 
 
 @dataclass(frozen=True)
@@ -537,6 +572,9 @@ def _flat_from_toml(raw: dict[str, Any], path: Path) -> dict[str, Any]:
     for key in ("models_dir", "token_file"):
         if isinstance(data.get(key), str):
             data[key] = (path.parent / Path(data[key]).expanduser()).resolve()
+    for table in [*(data.get("scnn") or []), *(data.get("collage") or [])]:
+        if isinstance(table, dict) and isinstance(table.get("model_file"), str):
+            table["model_file"] = (path.parent / Path(table["model_file"]).expanduser()).resolve()
     if isinstance(data.get("slowdown.spec"), str) and data["slowdown.spec"].startswith("trace:"):
         rest = data["slowdown.spec"][len("trace:") :]
         if rest and not Path(rest.split(":")[0]).expanduser().is_absolute():
@@ -554,18 +592,24 @@ def _endpoints(value: Any, key: str) -> tuple[WorkerEndpoint, ...]:
         if isinstance(item, WorkerEndpoint):
             out.append(item)
         elif isinstance(item, str):
-            url, sep, model = item.partition("#")
+            url, sep, rest = item.partition("#")
+            model, _, model_file = rest.partition("@")
             if not sep:
-                raise _bad(key, f"has {item!r}", "write each worker as http://HOST:PORT#MODEL")
-            out.append(WorkerEndpoint(url, model))
+                raise _bad(key, f"has {item!r}", "write each worker as http://HOST:PORT#MODEL[@MODEL_FILE]")
+            out.append(WorkerEndpoint(url, model, model_file or None))
         elif isinstance(item, dict):
-            extra = set(item) - {"url", "model"}
+            extra = set(item) - {"url", "model", "model_file", "contract", *FACT_KEYS}
             if extra or "url" not in item or "model" not in item:
                 raise ConfigError(
-                    f"each [[{key}]] table takes exactly `url` and `model`, got {sorted(item)}; "
-                    'e.g. url = "http://10.0.0.5:8001" and model = "scnn"'
+                    f"each [[{key}]] table takes `url` and `model`, and optionally `model_file`, "
+                    f"`contract` and the model's facts ({', '.join(FACT_KEYS)}); got {sorted(item)}"
                 )
-            out.append(WorkerEndpoint(item["url"], item["model"]))
+            facts = {k: item[k] for k in FACT_KEYS if k in item}
+            out.append(
+                WorkerEndpoint(
+                    item["url"], item["model"], item.get("model_file"), item.get("contract"), facts
+                )
+            )
         else:
             raise _bad(key, f"has {item!r}", "list tables with url and model")
     return tuple(out)
@@ -662,8 +706,8 @@ def dump_config(config: ServeConfig, path: Path) -> Path:
     """Write ``config`` as JSON in :func:`load_config`'s flat keys: what a launcher hands the
     front end process, so the child reads the very object the launcher built."""
     data = _flatten(config)
-    data["scnn"] = [e.arg for e in config.scnn]
-    data["collage"] = [e.arg for e in config.collage]
+    data["scnn"] = [e.table() for e in config.scnn]
+    data["collage"] = [e.table() for e in config.collage]
     path.write_text(json.dumps(data, default=str))
     return path
 

@@ -99,6 +99,19 @@ class ModelMeta:
         """Names of every output class: collage models end with ``empty``."""
         return self.class_names + (("empty",) if self.kind == "collage" else ())
 
+    def facts(self) -> dict[str, Any]:
+        """What a front end must know to use the model, under the keys every model server
+        publishes (and a front end's worker table may declare)."""
+        cfg = self.config
+        return {
+            "kind": self.kind,
+            "grid": self.grid,
+            "labels": list(self.labels),
+            "image_size": cfg.image_size,
+            "input_size": cfg.input_size,
+            "channels": cfg.in_channels,
+        }
+
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["config"] = self.config.to_dict()

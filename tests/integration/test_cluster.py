@@ -88,7 +88,7 @@ def png_of(image) -> bytes:
         ("[slowdown]\ncontention = 2.0", "`slowdown.contention` (--contention)"),
         ("[slowdown]\nspeed = 2", "unknown config key `slowdown.speed`"),
         ('slowdown = "bimodal"', "must be a table"),
-        ('[[scnn]]\nurl = "http://127.0.0.1:1"', "takes exactly `url` and `model`"),
+        ('[[scnn]]\nurl = "http://127.0.0.1:1"', "takes `url` and `model`"),
         ('[[scnn]]\nurl = "ftp://h:1"\nmodel = "scnn"', "must look like http://HOST:PORT"),
         ('[[collage]]\nurl = "http://h:1"\nmodel = "collage-3x3"', "no [[scnn]] workers"),
         ('[[scnn]]\nurl = "http://h:1"\nmodel = "scnn"', "add a [[collage]] table"),

@@ -360,8 +360,8 @@ async def _faults_under_load(
 def _scnn_calls(found: dict[tuple[str, str], float]) -> dict[str, float]:
     out = {}
     for (name, labels), value in found.items():
-        match = re.match(r'worker="(scnn-\d+)"', labels)
-        if name == "collage_worker_calls" and match:
+        match = re.search(r'worker="(scnn-\d+)"', labels)
+        if name == "collage_worker_calls_total" and match:
             out[match[1]] = value
     return out
 

@@ -233,7 +233,7 @@ class FrontEndApi:
         old = next((w.transport for p in self.frontend.pools for w in p.workers if w.id == worker_id), None)
         if not isinstance(old, HttpTransport):
             raise ModelNotFoundError(f"no worker {worker_id!r} reached over HTTP")
-        self.frontend.replace_transport(worker_id, HttpTransport(url, old.model, old.token))
+        self.frontend.replace_transport(worker_id, old.at(url))
         return Response.json({"worker": worker_id, "url": url})
 
 
@@ -256,11 +256,13 @@ async def connect(
     """A front end over V2 servers at these endpoints."""
     if not scnn:
         raise ConfigError("give at least one s-CNN worker (--scnn URL#MODEL or [[scnn]] tables)")
-    return await build_frontend(
-        settings,
-        [HttpTransport(e.url, e.model, token) for e in scnn],
-        [HttpTransport(e.url, e.model, token) for e in collage],
-    )
+
+    def transport(e: WorkerEndpoint) -> HttpTransport:
+        return HttpTransport(
+            e.url, e.model, token, model_file=e.model_file, facts=e.facts, contract=e.contract
+        )
+
+    return await build_frontend(settings, [transport(e) for e in scnn], [transport(e) for e in collage])
 
 
 async def serve_frontend(config: ServeConfig) -> None:

@@ -1,9 +1,8 @@
-"""Time as an argument: the pure stages never read a clock themselves.
+"""Time as an argument: the grouper and decoder take ``now`` on every call, never reading a clock.
 
-The grouper and decoder take ``now`` on every call, so tests drive them with a
-:class:`FakeClock` and replay any interleaving exactly, while the asyncio front end passes
-:class:`MonotonicClock` readings. Monotonic, never wall time: deadlines must not jump when NTP
-adjusts the system clock.
+Tests drive them with a :class:`FakeClock` and replay any interleaving exactly; the asyncio front
+end passes :class:`MonotonicClock` readings. Monotonic, never wall time: deadlines must not jump
+when NTP adjusts the system clock.
 """
 
 from __future__ import annotations
@@ -12,8 +11,6 @@ import time
 
 
 class MonotonicClock:
-    """The production clock: ``time.monotonic()`` in seconds."""
-
     def now(self) -> float:
         return time.monotonic()
 
@@ -29,10 +26,7 @@ class FakeClock:
 
     def advance(self, seconds: float) -> float:
         """Move forward by ``seconds`` (never backwards) and return the new time."""
-        if seconds < 0:
-            raise ValueError(f"a clock cannot go backwards (advance by {seconds})")
-        self._now += seconds
-        return self._now
+        return self.set(self._now + seconds)
 
     def set(self, when: float) -> float:
         """Jump to ``when``, which must not be in the past; returns it."""

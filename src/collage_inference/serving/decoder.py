@@ -8,31 +8,26 @@ waits or reads a clock. The IO layer calls :meth:`Decoder.tick` at :meth:`Decode
 Rules, per request:
 
 * A primary (or replica) answer is answered at once: it is the most accurate one.
-* A collage cell labelled ``empty`` (or out of range) is never an answer; the cell counts as a
-  lost backup.
-* Policy ``first``: a usable collage cell is answered at once.
-  Policy ``patient``: a usable collage cell waits for the primary until the primary is due
-  (admission + an adaptive timeout: a high quantile of recent primary latencies, bounded),
-  then answers. Primaries that beat the timeout keep full accuracy; only stragglers are
-  answered by the less accurate collage.
+* A collage cell labelled ``empty`` (or out of range) is never an answer; it counts as a lost backup.
+* Policy ``first``: a usable collage cell is answered at once. Policy ``patient``: it waits for
+  the primary until the primary is due (admission + an adaptive timeout: a high quantile of
+  recent primary latencies, bounded), so only stragglers get the less accurate collage answer.
   Policy ``confident`` (default): a cell whose confidence reaches ``confident_at`` answers at
   once, the others wait as under ``patient``. The collage model is less accurate on average
   only because of its unsure cells: on the Fashion-MNIST test set the 3x3 model's cells at
   confidence >= 0.9 (69% of cells) are 99.30% right, against 99.39% for the s-CNN on the same
-  images (``collage eval`` prints this for every model), so waiting for the primary buys
-  accuracy only for the unsure ones, and holding a sure cell only adds latency.
-* When the primary is late or failed and the backup is late or lost, the request is
-  re-issued (at most ``max_reissues`` times) to another worker; its answer has source
-  ``replica``. With nothing left to wait for and no re-issue left: 503.
+  images (``collage eval`` prints this for every model), so holding a sure cell only adds latency.
+* When the primary is late or failed and the backup is late or lost, the request is re-issued
+  (at most ``max_reissues`` times) to another worker as a ``replica``. With nothing left to
+  wait for and no re-issue left: 503.
 * At its end-to-end deadline an unanswered request fails with 504 (a usable collage cell in
   hand is answered instead: late but right beats an error).
-* Exactly once: a request leaves the state machine with its Answer or Fail. Replies that
-  arrive later are dropped and reported to the metrics (``late_reply``); their latency still
-  feeds the window, otherwise stragglers would vanish from the statistics that detect them.
+* Exactly once: a request leaves with its Answer or Fail. Later replies are dropped and counted
+  (``late_reply``); their latency still feeds the window, otherwise stragglers would vanish
+  from the statistics that detect them.
 
-The decoder reports what only it sees (late, unknown and bad replies, empty cells) to a
-:class:`~collage_inference.serving.metrics.Metrics`; answers, failures and re-issues are counted
-there by the front end, which carries them out.
+The decoder counts what only it sees (late, unknown and bad replies, empty cells) in a
+:class:`~collage_inference.serving.metrics.Metrics`; the front end counts the actions it carries out.
 """
 
 from __future__ import annotations
@@ -40,7 +35,7 @@ from __future__ import annotations
 import heapq
 import math
 from collections import OrderedDict
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from enum import Enum, auto
 from itertools import count
 
@@ -61,33 +56,20 @@ from collage_inference.serving.types import (
     Source,
 )
 
-_INF = math.inf
-
 
 @dataclass(frozen=True)
 class DecoderConfig:
-    """class_names: the s-CNN classes; a collage label equal to ``len(class_names)`` is
-    ``empty``. primary_timeout / collage_timeout: when a primary (from admission) or a collage
-    (from its group closing) counts as late. max_reissues: replicas per request.
-    confident_at: the cell confidence at which policy ``confident`` answers at once.
-    recent: how many finished requests to remember, to tell late replies from unknown ones."""
+    """How the decoder applies the rules of the module docstring."""
 
-    class_names: tuple[str, ...]
+    class_names: tuple[str, ...]  # the s-CNN classes; a collage label ``len(class_names)`` is ``empty``
     policy: DecoderPolicy = DecoderPolicy.CONFIDENT
-    primary_timeout: AdaptiveTimeout = field(
-        default_factory=lambda: AdaptiveTimeout(
-            quantile=0.9, factor=1.0, floor=0.002, ceiling=1.0, initial=0.1
-        )
-    )
-    collage_timeout: AdaptiveTimeout = field(
-        default_factory=lambda: AdaptiveTimeout(
-            quantile=0.9, factor=1.5, floor=0.002, ceiling=1.0, initial=0.1
-        )
-    )
-    max_reissues: int = 1
-    confident_at: float = 0.9
-    window: int = 256
-    recent: int = 4096
+    # when a primary (from admission) or a collage (from its group closing) is late; frozen, so shareable
+    primary_timeout: AdaptiveTimeout = AdaptiveTimeout(quantile=0.9, floor=0.002, ceiling=1.0, initial=0.1)
+    collage_timeout: AdaptiveTimeout = replace(primary_timeout, factor=1.5)
+    max_reissues: int = 1  # replicas per request
+    confident_at: float = 0.9  # the cell confidence at which policy ``confident`` answers at once
+    window: int = 256  # latencies in each window the decoder makes for itself
+    recent: int = 4096  # finished requests remembered, to tell late replies from unknown ones
 
     def __post_init__(self) -> None:
         if not self.class_names:
@@ -137,10 +119,10 @@ class _State:
     single_sent: float
     single_outstanding: int = 1
     backup: _Backup = _Backup.NONE
-    collage_due: float = _INF
+    collage_due: float = math.inf
     held: tuple[Prediction, Reply, float] | None = None  # (cell prediction, reply, since)
     reissues: int = 0
-    wake: float = _INF
+    wake: float = math.inf
 
 
 class Decoder:
@@ -156,19 +138,14 @@ class Decoder:
         self.config = config
         self.num_classes = len(config.class_names)
         # `is None`, not `or`: an empty window is falsy (len 0) but must still be shared
-        self.primary_latencies = (
-            LatencyWindow(config.window) if primary_latencies is None else primary_latencies
-        )
-        self.collage_latencies = (
-            LatencyWindow(config.window) if collage_latencies is None else collage_latencies
-        )
+        window = config.window
+        self.primary_latencies = LatencyWindow(window) if primary_latencies is None else primary_latencies
+        self.collage_latencies = LatencyWindow(window) if collage_latencies is None else collage_latencies
         self.metrics = Metrics() if metrics is None else metrics
         self._pending: dict[str, _State] = {}
         self._recent: OrderedDict[str, tuple[float, float]] = OrderedDict()  # id -> (admitted, last sent)
         self._heap: list[tuple[float, int, str]] = []
         self._seq = count()
-
-    # -- events ---------------------------------------------------------------------------
 
     def admit(
         self, request: Request, now: float, *, worker_id: str | None = None, backup: bool = True
@@ -186,7 +163,7 @@ class Decoder:
 
     def add_group(self, group: Group, now: float) -> list[Action]:
         """The group's collage was sent to a collage worker now."""
-        due = now + self.collage_patience()
+        due = now + self.config.collage_timeout.of(self.collage_latencies)
         actions: list[Action] = []
         for request in group.requests:
             st = self._pending.get(request.id)
@@ -243,8 +220,7 @@ class Decoder:
         return actions
 
     def worker_failed(self, target: str | Group, now: float) -> list[Action]:
-        """An s-CNN call for request id ``target``, or the collage call for group ``target``,
-        failed (error, garbage, connection lost)."""
+        """The s-CNN call for request id ``target``, or the collage call for group ``target``, failed."""
         if isinstance(target, Group):
             actions: list[Action] = []
             for request in target.requests:
@@ -260,20 +236,18 @@ class Decoder:
         return self._settle(st, now)
 
     def reissue_skipped(self, request_id: str, now: float) -> list[Action]:
-        """An optional :class:`Reissue` was not sent (no idle worker): the request keeps waiting
-        for the call still running, and the re-issue stays used. Its state moves as for a call
-        that ended without an answer."""
+        """An optional :class:`Reissue` was not sent (no idle worker): the re-issue stays used and
+        the request moves on as after a call that ended without an answer."""
         return self.worker_failed(request_id, now)
 
     def tick(self, now: float) -> list[Action]:
         """Act on every deadline that has passed: patient holds, re-issues, 504s."""
         actions: list[Action] = []
-        while self._heap and self._heap[0][0] <= now:
-            when, _, request_id = heapq.heappop(self._heap)
-            st = self._pending.get(request_id)
-            if st is not None and st.wake == when:
-                st.wake = _INF
-                actions += self._settle(st, now)
+        while (due := self.next_deadline()) is not None and due <= now:
+            _, _, request_id = heapq.heappop(self._heap)  # the live entry next_deadline found
+            st = self._pending[request_id]
+            st.wake = math.inf
+            actions += self._settle(st, now)
         return actions
 
     def next_deadline(self) -> float | None:
@@ -286,8 +260,6 @@ class Decoder:
             heapq.heappop(self._heap)  # stale: finished, or rescheduled
         return None
 
-    # -- introspection ----------------------------------------------------------------------
-
     @property
     def pending(self) -> int:
         """Requests admitted and not yet answered or failed."""
@@ -297,19 +269,16 @@ class Decoder:
         """Seconds after admission at which a primary counts as a straggler."""
         return self.config.primary_timeout.of(self.primary_latencies)
 
-    def collage_patience(self) -> float:
-        """Seconds after sending at which a collage counts as late."""
-        return self.config.collage_timeout.of(self.collage_latencies)
-
-    # -- the rules --------------------------------------------------------------------------
-
     def _settle(self, st: _State, now: float) -> list[Action]:
         """Apply every rule that is due at ``now`` and schedule the next wake-up."""
         deadline = st.request.deadline
         if st.held is not None:
             prediction, reply, since = st.held
-            hold_until = min(st.primary_due, deadline)
-            if self._answers_at_once(prediction) or now >= hold_until or st.single_outstanding == 0:
+            policy = self.config.policy
+            at_once = policy == DecoderPolicy.FIRST or (
+                policy == DecoderPolicy.CONFIDENT and prediction.confidence >= self.config.confident_at
+            )
+            if at_once or now >= min(st.primary_due, deadline) or st.single_outstanding == 0:
                 answer = self._answer(st, prediction, reply, Source.COLLAGE, now, held=now - since)
                 return self._finish(st, answer)
         if now >= deadline:
@@ -338,18 +307,12 @@ class Decoder:
             heapq.heappush(self._heap, (wake, next(self._seq), st.request.id))
         return actions
 
-    def _answers_at_once(self, cell: Prediction) -> bool:
-        policy = self.config.policy
-        return policy == DecoderPolicy.FIRST or (
-            policy == DecoderPolicy.CONFIDENT and cell.confidence >= self.config.confident_at
-        )
-
     def _reissue_at(self, st: _State) -> float:
         """When both the s-CNN call(s) and the backup count as late (or lost)."""
         if st.held is not None:
-            return _INF  # a usable backup is in hand; it answers when the primary is due
-        single = st.single_due if st.single_outstanding > 0 else -_INF
-        backup = {_Backup.EXPECTED: _INF, _Backup.PENDING: st.collage_due}.get(st.backup, -_INF)
+            return math.inf  # a usable backup is in hand; it answers when the primary is due
+        single = st.single_due if st.single_outstanding > 0 else -math.inf
+        backup = {_Backup.EXPECTED: math.inf, _Backup.PENDING: st.collage_due}.get(st.backup, -math.inf)
         return max(single, backup)
 
     def _answer(

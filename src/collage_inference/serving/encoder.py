@@ -4,10 +4,8 @@ Encoding in the coding-theory sense: k requests become one redundant query. The 
 from :mod:`collage_inference.grid`, the same code training synthesis uses, so the collage-CNN
 is served exactly what it learned: each image resized with ``fit_image`` to the model's tile
 size, cells row-major (cell = row * S + col), empty cells all-zero black tiles, which the
-models were trained to call ``empty`` (class index num_classes).
-
-It runs for every group, so it allocates once and resizes only images that need it
-(``fit_image`` returns an image already at tile size untouched).
+models were trained to call ``empty`` (class index num_classes). It runs for every group, so it
+allocates once and resizes only images that need it (``fit_image`` returns those at tile size untouched).
 """
 
 from __future__ import annotations
@@ -24,8 +22,7 @@ from collage_inference.serving.types import Group
 
 @dataclass(frozen=True, eq=False)
 class Collage:
-    """One encoded group: pixels (S*t, S*t, C) uint8, and the request id in each cell
-    (None for an empty cell)."""
+    """One encoded group: uint8 pixels (S*t, S*t, C) and each cell's request id (None: empty)."""
 
     group_id: int
     grid: int
@@ -38,7 +35,6 @@ class Collage:
 
 
 def encode(group: Group, tile: int, channels: int) -> Collage:
-    """Build the collage for ``group`` with tiles of ``tile`` x ``tile`` x ``channels``."""
     if tile < 1 or channels not in (1, 3):
         raise ConfigError(
             f"a collage needs tile >= 1 and 1 or 3 channels, got tile={tile}, channels={channels}"

@@ -12,9 +12,9 @@
 
 Steps 1 to 4 run before :meth:`submit` returns, and an HTTP worker writes its call before
 ``infer`` returns, so a request reaches its workers without waiting for a task to be scheduled.
-Grouper, encoder and decoder are pure; this module owns the event loop, the timer and the
-sockets (through the :mod:`~collage_inference.serving.pool` of each model). One timer handle is kept at the
-earliest of the grouper's and decoder's deadlines, so no task polls.
+Grouper, encoder and decoder are pure; this module owns the event loop, the timer and (through
+each model's :mod:`~collage_inference.serving.pool`) the sockets. One timer handle is kept at
+the earliest of the grouper's and decoder's deadlines, so no task polls.
 """
 
 from __future__ import annotations
@@ -76,17 +76,13 @@ class FrontEnd:
         self.primary_latencies = LatencyWindow(1024)
         self.collage_service = LatencyWindow(256)  # a collage call's busy time at its worker
         grids = tuple(sorted(collage)) or (1,)
-        self.grouper = Grouper(
-            GroupingPolicy(grids=grids, grid=grid, timeout=settings.group_timeout),
-            self.primary_latencies,
-            self.collage_service,
-            collage_workers=max((len(pool.workers) for pool in collage.values()), default=1),
-        )
+        policy = GroupingPolicy(grids=grids, grid=grid, timeout=settings.group_timeout)
+        workers = max((len(pool.workers) for pool in collage.values()), default=1)
+        self.grouper = Grouper(policy, self.primary_latencies, self.collage_service, collage_workers=workers)
         self.encoder = CollageEncoder(tiles, channels) if tiles else None
         self.metrics = Metrics(settings.model_name)
-        self.decoder = Decoder(
-            DecoderConfig.for_mode(settings, class_names), self.primary_latencies, metrics=self.metrics
-        )
+        config = DecoderConfig.for_mode(settings, class_names)
+        self.decoder = Decoder(config, self.primary_latencies, metrics=self.metrics)
         self._flights: dict[str, _Flight] = {}
         self._ids = itertools.count()
         self._timer: asyncio.TimerHandle | None = None
@@ -97,12 +93,9 @@ class FrontEnd:
         self._probes: list[asyncio.Task] = []
         self.draining = False
 
-    # -- lifecycle --------------------------------------------------------------------------
-
     async def start(self) -> None:
         self._running_loop = asyncio.get_running_loop()  # a restart may run on a new loop
-        for pool in (self.scnn, *self.collage.values()):
-            self._probes.append(asyncio.create_task(pool.run_probes(PROBE_INTERVAL_S)))
+        self._probes += [asyncio.create_task(pool.run_probes(PROBE_INTERVAL_S)) for pool in self.pools]
 
     async def drain(self, timeout: float) -> None:
         """Close the open group and wait (up to ``timeout``) for requests in flight."""
@@ -117,44 +110,34 @@ class FrontEnd:
         for task in [*self._probes, *self._tasks]:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        if self._timer:
-            self._timer.cancel()
-        if self._rescheduling:
-            self._rescheduling.cancel()
+        for handle in (self._timer, self._rescheduling):
+            if handle:
+                handle.cancel()
         self._timer, self._timer_at, self._rescheduling = None, float("inf"), None
 
     @property
     def ready(self) -> bool:
-        """Ready when some s-CNN worker is up (the collage path only adds redundancy) and the
-        front end is not stopping."""
+        """Some s-CNN worker is up (the collage path only adds redundancy) and we are not draining."""
         return self.scnn.ready and not self.draining
 
     def mark_draining(self) -> None:
-        """Say not ready from now on: the server is about to stop."""
+        """Not ready from now on: the server is about to stop."""
         self.draining = True
 
     @property
     def in_flight(self) -> int:
         return len(self._flights)
 
-    @property
-    def scnn_outstanding(self) -> int:
-        """s-CNN calls sent and not finished, answered requests' calls included: the queue depth."""
-        return self.scnn.outstanding
-
-    # -- the request path ---------------------------------------------------------------------
-
     async def classify(self, image: np.ndarray) -> Answer:
         """Answer one uint8 (H, W, C) image; raises a ServingError for 429/503/504."""
         return await self.submit(image)
 
     def submit(self, image: np.ndarray) -> asyncio.Future[Answer]:
-        """Admit one uint8 (H, W, C) image and send its calls before returning; the future
-        resolves with its one answer (or a ServingError for 503/504). Raises OverloadedError
-        (429) at once when the front end is full."""
+        """Admit one uint8 (H, W, C) image and send its calls before returning. The future resolves
+        with its one answer or a ServingError (503/504); a full front end raises 429 at once."""
         # Calls outstanding count too: a request answered by its collage cell leaves its primary
         # call queued at a worker, and under overload that left-behind work would grow unbounded.
-        load = max(len(self._flights), self.scnn_outstanding)
+        load = max(len(self._flights), self.scnn.outstanding)
         if load >= self.settings.max_pending:
             self.metrics.shed += 1
             raise OverloadedError(
@@ -182,9 +165,8 @@ class FrontEnd:
     ) -> Worker | None:
         """Send the request's image to an s-CNN worker; None when ``idle_only`` found none idle."""
         request = flight.request
-        call = self.scnn.call(
-            request.image[None], self._remaining(request), exclude=exclude, idle_only=idle_only
-        )
+        timeout = self._remaining(request.deadline)
+        call = self.scnn.call(request.image[None], timeout, exclude=exclude, idle_only=idle_only)
         if call is None:
             return None
         flight.calls.append(call)
@@ -199,8 +181,7 @@ class FrontEnd:
                 self.primary_latencies.add(self.clock.now() - request.arrival)
             raise
         except Exception as exc:  # whatever a worker does, its request must still be settled
-            self._note_failure(call.worker, exc)
-            self._apply(self.decoder.worker_failed(request.id, self.clock.now()))
+            self._call_failed(call, request.id, exc)
             return
         reply = Reply.from_probabilities(
             source, call.worker.id, result.probabilities[0], request_id=request.id, timings=result.timings
@@ -219,8 +200,7 @@ class FrontEnd:
                 self._apply(self.decoder.worker_failed(group, self.clock.now()))
                 continue
             collage = self.encoder.encode(group)
-            deadline = max(r.deadline for r in group.requests) - self.clock.now()
-            call = pool.call(collage.pixels[None], max(deadline, 0.001))
+            call = pool.call(collage.pixels[None], self._remaining(max(r.deadline for r in group.requests)))
             assert call is not None
             self._apply(self.decoder.add_group(group, self.clock.now()))
             self._spawn(self._backup(group, call))
@@ -229,8 +209,7 @@ class FrontEnd:
         try:
             result = await call.result()
         except Exception as exc:  # whatever a worker does, its group must still be settled
-            self._note_failure(call.worker, exc)
-            self._apply(self.decoder.worker_failed(group, self.clock.now()))
+            self._call_failed(call, group, exc)
             return
         timings = result.timings
         busy = timings.get("compute", 0.0) + timings.get("injected", 0.0)
@@ -240,10 +219,11 @@ class FrontEnd:
         )
         self._apply(self.decoder.collage_reply(group, reply, self.clock.now()))
 
-    def _note_failure(self, worker: Worker, exc: Exception) -> None:
+    def _call_failed(self, call: Call, target: str | Group, exc: Exception) -> None:
         self.metrics.worker_errors += 1
         if not isinstance(exc, WorkerError):
-            log.error("call to worker %s failed unexpectedly: %r", worker.id, exc)
+            log.error("call to worker %s failed unexpectedly: %r", call.worker.id, exc)
+        self._apply(self.decoder.worker_failed(target, self.clock.now()))
 
     @property
     def pools(self) -> tuple[WorkerPool, ...]:
@@ -260,8 +240,6 @@ class FrontEnd:
                 return worker
         known = ", ".join(w.id for p in self.pools for w in p.workers)
         raise ModelNotFoundError(f"no worker {worker_id!r}; the workers are {known}")
-
-    # -- decoder actions and the timer --------------------------------------------------------
 
     def _apply(self, actions: list[Action]) -> None:
         for action in actions:
@@ -280,9 +258,8 @@ class FrontEnd:
                 self.metrics.observe_failure(action.status)
                 flight.future.set_exception(action.error())
             elif isinstance(action, Reissue):
-                # Under ``reissue_to = idle`` a re-issue for lateness (the first call still runs)
-                # goes only to a worker with nothing queued: a busy one would answer no sooner
-                # and queue the copy ahead of new requests.
+                # Under ``reissue_to = idle`` an optional re-issue goes only to a worker with nothing
+                # queued: a busy one would answer no sooner and queue the copy ahead of new requests.
                 idle_only = self.settings.reissue_to == "idle" and action.optional
                 if self._send_single(flight, Source.REPLICA, action.exclude_worker, idle_only) is None:
                     self.metrics.reissues_skipped += 1
@@ -299,7 +276,6 @@ class FrontEnd:
             self._rescheduling = self._loop().call_soon(self._schedule)
 
     def _schedule(self) -> None:
-        """Keep one timer at the earliest grouper or decoder deadline."""
         self._rescheduling = None
         deadlines = (self.grouper.next_deadline(), self.decoder.next_deadline())
         due = min((d for d in deadlines if d is not None), default=float("inf"))
@@ -307,9 +283,8 @@ class FrontEnd:
             return
         if self._timer:
             self._timer.cancel()
-        self._timer, self._timer_at = None, float("inf")
-        self._timer_at = due
-        self._timer = self._loop().call_at(due, self._on_timer) if due < float("inf") else None
+        self._timer_at = due  # finite: it is below the previous one
+        self._timer = self._loop().call_at(due, self._on_timer)
 
     def _on_timer(self) -> None:
         self._timer, self._timer_at = None, float("inf")
@@ -317,12 +292,11 @@ class FrontEnd:
         self._close_groups(self.grouper.poll(now))
         self._apply(self.decoder.tick(now))
 
-    def _remaining(self, request: Request) -> float:
-        return max(request.deadline - self.clock.now(), 0.001)
+    def _remaining(self, deadline: float) -> float:
+        return max(deadline - self.clock.now(), 0.001)
 
     def _cancel_calls(self, flight: _Flight) -> None:
-        """Drop the answered request's other s-CNN calls where the transport can, so a
-        straggler's queue loses work nobody waits for."""
+        """Drop its other s-CNN calls where the transport can: a straggler's queue sheds unwanted work."""
         for call in flight.calls:
             if call.cancel():
                 self.metrics.cancelled += 1
@@ -334,11 +308,10 @@ class FrontEnd:
             self._running_loop = asyncio.get_running_loop()
         return self._running_loop
 
-    def _spawn(self, coro) -> asyncio.Task:
+    def _spawn(self, coro) -> None:
         task = self._loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        return task
 
 
 async def build_frontend(
@@ -355,9 +328,8 @@ async def build_frontend(
     class_names, channels = infos[0].labels, infos[0].channels
     for worker, info in zip(scnn_workers, infos, strict=False):
         if info.kind != "scnn" or info.labels != class_names:
-            raise ConfigError(
-                f"worker {worker.transport.name} serves {info.kind} {info.model}, not a matching s-CNN"
-            )
+            where = worker.transport.name
+            raise ConfigError(f"worker {where} serves {info.kind} {info.model}, not a matching s-CNN")
     pools: dict[int, list[Worker]] = {}
     tiles: dict[int, int] = {}
     for worker, info in zip(collage_workers, infos[len(scnn_workers) :], strict=True):

@@ -1,26 +1,22 @@
 """The grouper: collect requests into groups of k = S*S, by size or by group deadline.
 
 A group opens with its first request and closes when it holds k requests (``full``), when its
-group deadline passes (``deadline``, checked by :meth:`Grouper.poll`), or when the caller
-calls :meth:`Grouper.flush` (``flush``). A closed group goes to the encoder; a partial one
-simply leaves its last cells empty (the collage models were trained with empty cells, so a
-partial collage costs accuracy nothing, only the collage worker's time).
+group deadline passes (``deadline``, checked by :meth:`Grouper.poll`), or on :meth:`Grouper.flush`
+(``flush``). A partial group leaves its last cells empty: the collage models were trained with
+empty cells, so this costs accuracy nothing, only the collage worker's time.
 
 The rule for the group deadline (and S, under ``grid = auto``), stated once
 -------------------------------------------------------------------------
-A collage is worth sending only if its answer lands before the stragglers it covers would
-answer. A request that straggles answers about ``L_s`` after it arrived, where ``L_s`` is the
-straggler quantile (``straggler_quantile``, default p99) of recent primary latencies (the
-slowest call seen, until the window holds ``quantile_samples``). The
-collage of a group closed at ``c`` lands about ``c + q + m`` after the group's first request,
-where ``m`` is the collage worker's mean service time and ``q`` its queueing delay. So the
-**straggler window** ``W = L_s - m`` caps the group deadline. In a cloud trace whose slow calls
-take ~0.70 s against a median of 0.14 s, W is several medians long; a deadline near the median
-primary latency wastes most of it.
+A collage is worth sending only if its answer lands before the stragglers it covers would answer.
+A straggling request answers about ``L_s`` after it arrived, ``L_s`` being the straggler quantile
+(``straggler_quantile``, default p99) of recent primary latencies. The collage of a group closed
+at ``c`` lands about ``c + q + m`` after the group's first request, where ``m`` is the collage
+worker's mean service time and ``q`` its queueing delay. So the **straggler window**
+``W = L_s - m`` caps the group deadline. In a cloud trace whose slow calls take ~0.70 s against
+a median of 0.14 s, W is several medians long; a deadline near the median wastes most of it.
 
 Inside ``[min_timeout, W]`` the deadline is the T that minimises the expected time from a
-request's arrival to its collage answer, ``rescue(T) = wait(T) + m + q(T)``, from three
-measured quantities:
+request's arrival to its collage answer, ``rescue(T) = wait(T) + m + q(T)``, from:
 
 * the arrival rate ``lam`` (over the last ``rate_window`` arrivals). A group closed at
   ``c = min(T, (k - 1) / lam)`` holds ``n = 1 + lam * c`` requests, which wait
@@ -33,20 +29,17 @@ measured quantities:
   (0.7: with heavy-tailed service a busier worker builds a backlog that takes seconds to drain,
   and every backup in it lands after its straggler).
 
-A short deadline sends the backup early but as a near-empty collage, which floods the one
-collage worker (its queue then delays every backup); a long one fills the collage but makes
-the first requests wait. ``rescue(T)`` weighs exactly those two. When even full groups would
-overload the collage worker, the deadline is W (fill as much as the window allows). When the
-best T reaches the fill time, the deadline is stretched by ``1 / fill_margin`` (within W) so
-that Poisson jitter does not close nearly full groups early. Under ``grid = auto`` every grid
-served is costed the same way and the cheapest ``rescue`` wins; a grid within
-``grid_tolerance`` of it that is smaller wins instead (a smaller S is more accurate).
+A short deadline sends the backup early but as a near-empty collage, which floods the collage
+worker (its queue then delays every backup); a long one fills the collage but makes the first
+requests wait. ``rescue(T)`` weighs exactly those two. When even full groups would overload the
+collage worker, the deadline is W. When the best T reaches the fill time, it is stretched by
+``1 / fill_margin`` (within W) so that Poisson jitter does not close nearly full groups early.
+Under ``grid = auto`` every grid served is costed the same way and the cheapest ``rescue``
+wins, or a smaller grid within ``grid_tolerance`` of it (a smaller S is more accurate).
 
-S and the deadline are fixed when a group opens; each group is encoded for its own S, so
-changing S between groups is free. A collage whose worker already has more than W of work
-queued is not sent at all (:meth:`Grouper.worth_sending`): it would land after its stragglers,
-and skipping it lets the backlog drain. Time comes in as ``now``: the grouper is pure and is tested
-with a fake clock.
+S and the deadline are fixed when a group opens (each group is encoded for its own S, so
+changing S is free). A collage whose worker already has more than W of work queued is not sent
+(:meth:`Grouper.worth_sending`): it would land after its stragglers; skipping it drains the backlog.
 """
 
 from __future__ import annotations
@@ -63,36 +56,20 @@ from collage_inference.serving.types import CloseReason, Group, Request
 
 @dataclass(frozen=True)
 class GroupingPolicy:
-    """How the grouper picks S and the group deadline (see the module docstring for the rule).
+    """How the grouper picks S and the group deadline (the rule: module docstring); times in seconds."""
 
-    grids: the collage grids with a model available; the adaptive choice is among these.
-    grid: a fixed S (adaptive over ``grids`` when None).
-    timeout: a fixed group deadline in seconds after the first request (adaptive when None).
-    initial_timeout: the longest deadline before any primary latency has been measured (the
-        fill time of the smallest grid at the measured rate, when shorter).
-    min_timeout: the shortest adaptive deadline.
-    straggler_quantile: the quantile of recent primary latencies a backup must beat.
-    max_utilisation: a collage worker planned busier than this counts as overloaded.
-    fill_margin: a deadline that reaches the fill time is stretched by 1 / fill_margin.
-    grid_tolerance: a smaller grid within this share of the best rescue time wins.
-    rate_window: arrivals over which the arrival rate is measured.
-    min_samples: latencies needed before a window is used at all.
-    quantile_samples: primary latencies needed before the straggler quantile is read; with
-        fewer, the slowest call seen stands in for it (a p99 of 50 samples is not a p99).
-    """
-
-    grids: tuple[int, ...] = (2, 3, 4)
-    grid: int | None = None
-    timeout: float | None = None
-    initial_timeout: float = 0.5
-    min_timeout: float = 0.001
-    straggler_quantile: float = 0.99
-    max_utilisation: float = 0.7
-    fill_margin: float = 0.8
-    grid_tolerance: float = 0.05
-    rate_window: int = 64
-    min_samples: int = 20
-    quantile_samples: int = 100
+    grids: tuple[int, ...] = (2, 3, 4)  # the grids with a collage model: S is chosen among these
+    grid: int | None = None  # a fixed S (adaptive over ``grids`` when None)
+    timeout: float | None = None  # a fixed group deadline after the first request (adaptive when None)
+    initial_timeout: float = 0.5  # the deadline until latencies are measured (or the fill time, if shorter)
+    min_timeout: float = 0.001  # the shortest adaptive deadline
+    straggler_quantile: float = 0.99  # of recent primary latencies: what a backup must beat
+    max_utilisation: float = 0.7  # a collage worker planned busier than this is overloaded
+    fill_margin: float = 0.8  # a deadline that reaches the fill time is stretched by 1 / fill_margin
+    grid_tolerance: float = 0.05  # a smaller grid within this share of the best rescue time wins
+    rate_window: int = 64  # arrivals over which the arrival rate is measured
+    min_samples: int = 20  # latencies needed before a window is used at all
+    quantile_samples: int = 100  # below it the slowest call stands in for the quantile: a p99 of 50 is no p99
 
     def __post_init__(self) -> None:
         if not self.grids or any(s < 1 for s in self.grids):
@@ -130,13 +107,9 @@ _CANDIDATES = 32  # deadlines costed per grid, geometric between min_timeout and
 
 
 class Grouper:
-    """Collects requests into the open group; pure, time comes in as ``now``.
-
-    Drive it with :meth:`add` on each request, :meth:`poll` when :meth:`next_deadline` is
-    reached, and :meth:`flush` to close a partial group early. Every call returns the groups
-    it closed (at most one, except :meth:`add` after a missed poll: the stale group, then
-    possibly the new one).
-    """
+    """Pure: time comes in as ``now``. Call :meth:`add` on each request, :meth:`poll` at
+    :meth:`next_deadline` and :meth:`flush` to close a partial group early. Each returns the groups
+    it closed: at most one, except :meth:`add` after a missed poll (the stale group, then maybe a new one)."""
 
     def __init__(
         self,
@@ -160,10 +133,7 @@ class Grouper:
         self._deadline: float | None = None
         self.last_plan: Plan | None = None
 
-    # -- events ---------------------------------------------------------------------------
-
     def add(self, request: Request, now: float) -> list[Group]:
-        """Put a request into the open group (opening one if needed)."""
         closed = self.poll(now)  # a group whose deadline passed must not take new requests
         self._arrivals.append(now)
         if not self._open:
@@ -178,7 +148,6 @@ class Grouper:
         return closed
 
     def poll(self, now: float) -> list[Group]:
-        """Close the open group if its group deadline has passed."""
         if self._deadline is not None and now >= self._deadline:
             return [self._close(now, CloseReason.DEADLINE)]
         return []
@@ -191,17 +160,13 @@ class Grouper:
         """When the open group must close (monotonic seconds), or None when no group is open."""
         return self._deadline
 
-    # -- introspection ----------------------------------------------------------------------
-
     @property
     def pending(self) -> int:
-        """Requests waiting in the open group."""
         return len(self._open)
 
     @property
     def arrival_rate(self) -> float | None:
-        """Arrivals per second over the last ``rate_window`` arrivals (inf when they were all
-        simultaneous), None before two arrivals."""
+        """Arrivals per second over the last ``rate_window`` (inf if all simultaneous; None before two)."""
         if len(self._arrivals) < 2:
             return None
         span = self._arrivals[-1] - self._arrivals[0]
@@ -221,9 +186,7 @@ class Grouper:
 
     def worth_sending(self, queued: int) -> bool:
         """Whether a collage queued behind ``queued`` others can still land before the stragglers
-        it covers: not when the work ahead of it (``queued * m``) already exceeds the straggler
-        window. Skipping it lets a backlog drain instead of growing with collages that would
-        all land too late."""
+        it covers: not when the work ahead of it (``queued * m``) already exceeds W."""
         window, service = self.straggler_window(), self._service_moments()
         if window is None or service is None or queued == 0:
             return True
@@ -233,9 +196,11 @@ class Grouper:
         """The S and group deadline a group opened now would get (see the module docstring)."""
         p = self.policy
         grids = (p.grid,) if p.grid is not None else self._grids
+        rate = self.arrival_rate
         if p.timeout is not None:  # fixed deadline: S is the largest grid that fills within it
-            return Plan(self._fixed_grid(grids, p.timeout), p.timeout)
-        window, rate, service = self.straggler_window(), self.arrival_rate, self._service_moments()
+            fitting = [s for s in grids if rate is not None and s * s - 1 <= p.fill_margin * p.timeout * rate]
+            return Plan(fitting[-1] if fitting else grids[0], p.timeout)
+        window, service = self.straggler_window(), self._service_moments()
         if window is None or rate is None or service is None:
             # nothing measured yet: fill groups (a flood of near-empty collages would leave the
             # collage worker a backlog that outlasts the warm-up), within initial_timeout
@@ -248,15 +213,6 @@ class Grouper:
             return Plan(grid, timeout, window, None, rho)
         grid, timeout, rescue, rho = next(c for c in costed if c[2] <= best * (1 + p.grid_tolerance))
         return Plan(grid, timeout, window, rescue, rho)
-
-    # -- internals --------------------------------------------------------------------------
-
-    def _fixed_grid(self, grids: tuple[int, ...], timeout: float) -> int:
-        rate = self.arrival_rate
-        if len(grids) == 1 or rate is None:
-            return grids[0]
-        fitting = [s for s in grids if (s * s - 1) <= self.policy.fill_margin * timeout * rate]
-        return fitting[-1] if fitting else grids[0]
 
     def _service_moments(self) -> tuple[float, float] | None:
         """(mean, mean square) of a collage call's service time; recent primaries stand in

@@ -3,8 +3,7 @@
 Both the decoder (how long to wait for a primary before trusting the collage) and hedging
 (when to send a second copy) need "how slow is a normal call right now". A fixed timeout is
 wrong as soon as load or model changes; an unbounded quantile is wrong when the window is
-full of stragglers. So: a quantile of the last N samples, scaled, then clamped to a floor and
-a ceiling, with a fixed initial value until the window holds enough samples.
+full of stragglers. So: a bounded quantile of the last N samples (:class:`AdaptiveTimeout`).
 """
 
 from __future__ import annotations
@@ -18,11 +17,8 @@ from collage_inference.errors import ConfigError
 
 
 class LatencyWindow:
-    """The last ``size`` latencies (seconds), kept sorted for O(log n) quantiles.
-
-    Insertion and eviction are O(n) list moves, which for windows of a few hundred samples
-    cost less than a heap's Python overhead.
-    """
+    """The last ``size`` latencies (seconds), kept sorted for O(log n) quantiles: at a few hundred
+    samples, the O(n) list moves of insertion and eviction cost less than a heap's Python overhead."""
 
     def __init__(self, size: int = 256) -> None:
         if size < 1:
@@ -51,8 +47,7 @@ class LatencyWindow:
         return self._sorted[rank]
 
     def moments(self) -> tuple[float, float] | None:
-        """(mean, mean of squares) of the window, or None when it is empty: what a queueing
-        estimate (Pollaczek-Khinchine) needs of a service time."""
+        """(mean, mean of squares), or None when empty: what a Pollaczek-Khinchine queueing estimate needs."""
         if not self._order:
             return None
         n = len(self._order)
@@ -87,7 +82,6 @@ class AdaptiveTimeout:
             raise ConfigError(f"min_samples must be at least 1, got {self.min_samples}")
 
     def of(self, window: LatencyWindow) -> float:
-        """The timeout (seconds) that the window's recent latencies call for."""
         if len(window) < self.min_samples:
             return self.initial
         value = window.quantile(self.quantile)

@@ -1,21 +1,20 @@
 """One model served: admission, compute, injected delay, published facts, readiness.
 
-The core of every model worker, with no transport in sight: the HTTP worker
-(:mod:`~collage_inference.serving.worker`) and the Ray Serve deployment
-(:mod:`~collage_inference.serving.ray.deployments`) are thin adapters over it, so both admit,
+The core of every model worker, with no transport in sight: the HTTP worker (:mod:`.worker`) and
+the Ray Serve deployment (:mod:`.ray.deployments`) are thin adapters over it, so both admit,
 compute, straggle and describe the model alike.
 
 * **Admission.** At most ``max_queue`` calls are admitted (waiting plus computing); past that a
   call is refused with 429 at once, so a straggler's queue cannot grow without bound.
 * **Compute.** Calls run one at a time on one compute thread, so the event loop stays free for
-  parsing and health checks while a straggler sleeps, and calls queued behind a straggler wait
-  for it, as in the published runs. A server that injects nothing runs a small batch (up to
-  ``INLINE_MAX_IMAGES`` images, a fraction of a millisecond) on the event loop itself when
-  nothing is queued: the hand-off to a thread and back costs about as much CPU as the model.
+  parsing and health checks while a straggler sleeps, and calls queued behind it wait, as in
+  the published runs. A server that injects nothing runs a small batch (``INLINE_MAX_IMAGES``,
+  a fraction of a millisecond) on the event loop itself when nothing is queued: the hand-off
+  to a thread and back costs about as much CPU as the model.
 * **Injected delay.** A :class:`~collage_inference.slowdown.Slowdown` draws how long each call
   straggles; the compute thread sleeps it, busy as a slow machine would be.
-* **Readiness.** True once the model is loaded and warmed (the constructor does both), false
-  from :meth:`drain` on, so an orchestrator stops sending calls to a server that is stopping.
+* **Readiness.** From :meth:`drain` on the server says not ready, so an orchestrator stops
+  sending calls to a server that is stopping.
 """
 
 from __future__ import annotations
@@ -38,16 +37,10 @@ INLINE_MAX_IMAGES = 8
 
 @dataclass(frozen=True, eq=False)
 class Result:
-    """A computed batch and where its time went (seconds)."""
+    """A computed batch and where its time went: queue, compute and injected seconds."""
 
     prediction: BatchPrediction
-    queue_s: float
-    compute_s: float
-    injected_s: float
-
-    @property
-    def timings(self) -> dict[str, float]:
-        return {"queue": self.queue_s, "compute": self.compute_s, "injected": self.injected_s}
+    timings: dict[str, float]
 
 
 class ModelServer:
@@ -61,8 +54,7 @@ class ModelServer:
         self.slowdown: Slowdown | None = None
         self.contention: CpuContention | None = None
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="compute")
-        self._inline = True
-        self.straggle(settings.slowdown)
+        self.straggle(settings.slowdown)  # sets _inline
         self.queued = 0  # admitted and not yet finished: waiting plus computing
         self.served = 0
         self.shed = 0
@@ -103,15 +95,13 @@ class ModelServer:
         return self._check_size(x)
 
     def _check_size(self, batch: np.ndarray) -> np.ndarray:
-        if len(batch) > self.settings.max_batch:
-            raise PayloadTooLargeError(
-                f"batch of {len(batch)} exceeds the limit of {self.settings.max_batch}"
-            )
+        limit = self.settings.max_batch
+        if len(batch) > limit:
+            raise PayloadTooLargeError(f"batch of {len(batch)} exceeds the limit of {limit}")
         return batch
 
     def infer(self, x: np.ndarray, is_images: bool = True) -> Result | asyncio.Future[Result]:
-        """Run one checked batch: at once on the event loop when it is small, nothing is
-        injected and nothing waits; else on the compute thread (a future). 429 when full."""
+        """Run one checked batch, inline or on the compute thread (a future); see the module docstring."""
         if self.queued >= self.settings.max_queue:
             self.shed += 1
             raise OverloadedError(
@@ -141,26 +131,18 @@ class ModelServer:
         injected = self.slowdown.injected_delay(compute, time.monotonic()) if self.slowdown else 0.0
         if injected > 0:
             time.sleep(injected)  # the server is busy while it straggles, as in the published runs
-        return Result(prediction, start - enqueued, compute, injected)
+        return Result(prediction, {"queue": start - enqueued, "compute": compute, "injected": injected})
 
     def facts(self) -> dict[str, Any]:
-        """What a front end needs to know of the model (and what an operator wants to see),
-        under the keys every model server publishes."""
-        cfg = self.meta.config
+        """What a front end needs to know of the model (and what an operator wants to see)."""
         return {
-            "kind": self.meta.kind,
-            "grid": self.meta.grid,
-            "labels": list(self.meta.labels),
-            "image_size": cfg.image_size,
-            "input_size": cfg.input_size,
-            "channels": cfg.in_channels,
+            **self.meta.facts(),
             "backend": self.runner.backend,
             "slowdown": self.slowdown.describe() if self.slowdown else "none",
             "contention": self.contention.describe() if self.contention else "none",
         }
 
     def drain(self) -> None:
-        """Stop answering ready: the server is about to stop."""
         self.ready = False
 
     def close(self) -> None:

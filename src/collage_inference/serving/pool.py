@@ -2,12 +2,11 @@
 
 A :class:`WorkerPool` holds the workers serving one model. :meth:`WorkerPool.call` picks the up
 worker with the fewest outstanding calls (then the lowest recent latency), starts the call on
-its transport at once and returns a :class:`Call`: ``await call.result()`` for the answer,
-``call.cancel()`` to drop it. The pool owns the accounting: a call's slot in ``outstanding``
-is taken when it starts and given back exactly once, in :meth:`Call._finish`, however the call
-ends (answer, failure, timeout, cancellation before or after it ran). A worker whose transport
-raises :class:`WorkerDownError` is marked down and probed in the background until its
-readiness check answers again, so ``/v2/health/ready`` and the pick both tell the truth.
+its transport at once and returns a :class:`Call` to await or cancel. A call's slot in
+``outstanding`` is taken when it starts and given back exactly once, in :meth:`Call._finish`,
+however the call ends (answer, failure, timeout, cancellation before or after it ran). A
+worker whose transport raises :class:`WorkerDownError` is marked down and probed in the
+background until its readiness check answers, so ``/v2/health/ready`` and the pick tell the truth.
 """
 
 from __future__ import annotations
@@ -42,8 +41,6 @@ class Worker:
 
 
 class Call:
-    """One call in flight on ``worker``; see the module docstring for the accounting."""
-
     __slots__ = ("worker", "_pending", "_count", "_start", "_task", "_finished")
 
     def __init__(self, worker: Worker, pending: Awaitable[Inference], count: int, start: float) -> None:
@@ -68,10 +65,9 @@ class Call:
                 raise WorkerDownError(
                     f"worker {worker.id} answered probabilities of shape {shape}, expected {expected}"
                 )
-        except WorkerDownError:
-            worker.up = False
-            raise
-        except (WorkerError, asyncio.CancelledError):
+        except (WorkerError, asyncio.CancelledError) as exc:
+            if isinstance(exc, WorkerDownError):
+                worker.up = False
             raise
         except Exception as exc:  # a transport bug must still settle as a failed call
             worker.up = False
@@ -107,8 +103,6 @@ async def _failed(exc: Exception) -> Inference:
 
 
 class WorkerPool:
-    """Workers serving the same model."""
-
     def __init__(self, workers: Iterable[Worker]) -> None:
         self.workers = list(workers)
 
@@ -130,9 +124,8 @@ class WorkerPool:
     def call(
         self, images: np.ndarray, timeout: float, *, exclude: str | None = None, idle_only: bool = False
     ) -> Call | None:
-        """Start a call on the best worker (other than ``exclude`` when there is one) before
-        returning. ``idle_only``: only a worker with nothing outstanding, else None and nothing
-        is sent. A call that fails to start is a Call whose result raises."""
+        """Start a call on the best worker (other than ``exclude`` when there is one) before returning;
+        ``idle_only``: on a worker with nothing outstanding, else send nothing and return None."""
         worker = self._idle(exclude) if idle_only else self._pick(exclude)
         if worker is None:
             return None
@@ -142,13 +135,12 @@ class WorkerPool:
         except Exception as exc:
             if isinstance(exc, WorkerDownError):
                 worker.up = False
-            pending = _failed(exc)
+            pending = _failed(exc)  # a call that fails to start raises from its result
         return Call(worker, pending, len(images), start)
 
     def _pick(self, exclude: str | None) -> Worker:
-        """The up worker with the fewest outstanding calls, then the lowest recent latency.
-        Falls back to the excluded worker, then to down workers, rather than refusing: a worker
-        marked down may be back, and the call will tell."""
+        """The best up worker, else the excluded one, else a down one rather than refusing: a
+        worker marked down may be back, and the call will tell."""
         candidates = [w for w in self.workers if w.up and w.id != exclude]
         if not candidates:
             candidates = [w for w in self.workers if w.up] or self.workers
@@ -168,14 +160,13 @@ class WorkerPool:
         return next((w for w in self.workers if w.id == worker_id), None)
 
     async def probe(self) -> None:
-        """Bring back down workers that answer their readiness check."""
+        """Mark up the down workers that answer their readiness check."""
         down = [w for w in self.workers if not w.up]
         results = await asyncio.gather(*(w.transport.ready() for w in down))
         for worker, ok in zip(down, results, strict=True):
             worker.up = worker.up or ok
 
     async def run_probes(self, interval: float) -> None:
-        """Probe down workers every ``interval`` seconds until cancelled."""
         while True:
             await asyncio.sleep(interval)
             with contextlib.suppress(Exception):  # a probe must never kill the loop

@@ -49,25 +49,9 @@ class ModelRunner:
         return (cfg.grid * cfg.grid, cfg.outputs) if self.meta.kind == "collage" else (cfg.outputs,)
 
     def prepare_images(self, images: np.ndarray) -> np.ndarray:
-        """uint8 (N, H, W) or (N, H, W, C) of any size -> float32 (N, C, H, W) in [0, 1].
-
-        Resizing uses :func:`collage_inference.grid.fit_images`, the resize training used, so a
-        served image looks exactly like a trained one.
-        """
-        if images.dtype != np.uint8 or images.ndim not in (3, 4):
-            raise ProtocolError(
-                f"images must be uint8 (N, H, W) or (N, H, W, C), got {images.dtype} {images.shape}"
-            )
+        """uint8 (N, H, W) or (N, H, W, C) of any size -> float32 (N, C, H, W) in [0, 1]."""
         channels, size, _ = self.input_shape
-        try:
-            fitted = fit_images(images, size, channels)  # (N, size, size, C)
-        except Exception as exc:  # GeometryError or PIL's own errors for odd sizes
-            raise ProtocolError(
-                f"cannot fit images {images.shape} to {size}x{size}x{channels}: {exc}"
-            ) from exc
-        x = np.empty((len(fitted), channels, size, size), np.float32)
-        np.multiply(fitted.transpose(0, 3, 1, 2), np.float32(1 / 255), out=x)
-        return x
+        return prepare_images(images, size, channels)
 
     def run_images(self, images: np.ndarray) -> BatchPrediction:
         """Classify a uint8 image batch (N, H, W[, C]); images are resized to the model input."""
@@ -125,6 +109,23 @@ class TorchRunner(ModelRunner):
             x = x.copy()
         with self._torch.inference_mode():
             return self._model(self._torch.from_numpy(x)).numpy()
+
+
+def prepare_images(images: np.ndarray, size: int, channels: int) -> np.ndarray:
+    """uint8 (N, H, W) or (N, H, W, C) of any size -> float32 (N, C, size, size) in [0, 1], what
+    every exported model takes. Resizing uses :func:`collage_inference.grid.fit_images`, the
+    resize training used, so a served image looks exactly like a trained one."""
+    if images.dtype != np.uint8 or images.ndim not in (3, 4):
+        raise ProtocolError(
+            f"images must be uint8 (N, H, W) or (N, H, W, C), got {images.dtype} {images.shape}"
+        )
+    try:
+        fitted = fit_images(images, size, channels)  # (N, size, size, C)
+    except Exception as exc:  # GeometryError or PIL's own errors for odd sizes
+        raise ProtocolError(f"cannot fit images {images.shape} to {size}x{size}x{channels}: {exc}") from exc
+    x = np.empty((len(fitted), channels, size, size), np.float32)
+    np.multiply(fitted.transpose(0, 3, 1, 2), np.float32(1 / 255), out=x)
+    return x
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

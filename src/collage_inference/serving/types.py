@@ -42,12 +42,8 @@ class CloseReason(StrEnum):
 
 @dataclass(frozen=True, eq=False)
 class Request:
-    """One client image on its way through the front end.
-
-    image: uint8 (H, W, C) as parsed from the payload; any size, the encoder and the workers
-    resize it. arrival and deadline are monotonic seconds; deadline is the absolute end-to-end
-    deadline after which the client gets 504.
-    """
+    """One client image, uint8 (H, W, C) of any size (the encoder and the workers resize it).
+    arrival and deadline are monotonic seconds; past the end-to-end deadline the client gets 504."""
 
     id: str
     image: np.ndarray
@@ -67,10 +63,8 @@ class Request:
 
 @dataclass(frozen=True, eq=False)
 class Group:
-    """The requests covered by one collage, in cell order (cell = row * S + col).
-
-    Cells ``len(requests)`` .. ``k - 1`` are empty. Times are monotonic seconds.
-    """
+    """The requests covered by one collage, in cell order (cell = row * S + col); cells
+    ``len(requests)`` .. ``k - 1`` are empty. Times are monotonic seconds."""
 
     id: int
     grid: int
@@ -81,12 +75,10 @@ class Group:
 
     @property
     def k(self) -> int:
-        """Cells in the collage: S * S."""
         return self.grid * self.grid
 
     @property
     def request_ids(self) -> tuple[str, ...]:
-        """Request id of each filled cell, in cell order."""
         return tuple(r.id for r in self.requests)
 
     @property
@@ -112,12 +104,8 @@ class Prediction:
 
 @dataclass(frozen=True, eq=False)
 class Reply:
-    """What a worker answered for one s-CNN call (1 prediction) or one collage (k, by cell).
-
-    Exactly one of request_id (s-CNN, source primary or replica) and group_id (collage) is set.
-    timings: named durations in seconds as the worker and transport measured them
-    (e.g. queue, infer, network).
-    """
+    """What a worker answered for one s-CNN call (1 prediction) or one collage (k, by cell), for exactly
+    one of request_id (s-CNN: primary or replica) and group_id (collage); timings in seconds, by name."""
 
     source: Source
     worker_id: str
@@ -182,10 +170,9 @@ class Answer:
 
 @dataclass(frozen=True)
 class Reissue:
-    """Send the request again, as a replica, to the fastest idle worker other than
-    ``exclude_worker`` (the straggler, when known). attempt counts re-issues from 1.
-    optional: an earlier s-CNN call is still running (the re-issue is for lateness, not to
-    replace a failed call), so the IO layer may skip it and report that to the decoder."""
+    """Send the request again, as a replica, to the fastest idle worker other than ``exclude_worker``
+    (the straggler, when known); attempt counts from 1. optional: an earlier s-CNN call still runs
+    (the re-issue is for lateness), so the IO layer may skip it and report that to the decoder."""
 
     request_id: str
     exclude_worker: str | None
@@ -195,8 +182,7 @@ class Reissue:
 
 @dataclass(frozen=True)
 class Fail:
-    """Give up on the request: 504 when its end-to-end deadline passed, 503 when every path
-    failed and no re-issue is left."""
+    """Give up on the request: 504 (its deadline passed) or 503 (every path failed, no re-issue left)."""
 
     request_id: str
     status: int

@@ -36,7 +36,6 @@ HEADER_LENGTH = "Inference-Header-Content-Length"
 JSON_CONTENT_TYPE = "application/json"
 BINARY_CONTENT_TYPE = "application/octet-stream"
 Payload = tuple[bytes, dict[str, str]]  # a body and its HTTP headers
-# what ``GET /v2`` answers on every server of the project
 SERVER_METADATA = {"name": "collage-inference", "version": __version__, "extensions": ["binary_tensor_data"]}
 
 # Wire datatypes: little-endian NumPy dtype, struct code (NumPy's uint64 "L" is 4 bytes to struct).
@@ -246,9 +245,10 @@ def _object(value: Any, fields: frozenset[str], where: str) -> dict:
 
 
 def _get(doc: dict, key: str, kind: type, where: str, default: Any = None) -> Any:
-    """``doc[key]`` (``default`` when absent), refused unless a ``kind``."""
-    value = doc.get(key, default)
-    if value is not default and not isinstance(value, kind):
+    """``doc[key]``, refused unless a ``kind``; ``default`` when absent or null (as KServe writes it)."""
+    if (value := doc.get(key)) is None:
+        return default
+    if not isinstance(value, kind):
         raise ProtocolError(f'"{key}" of {where} must be {_KIND_WORDS[kind]}, got {type(value).__name__}')
     return value
 

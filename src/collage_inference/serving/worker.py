@@ -3,16 +3,14 @@
     collage worker --model models/fashion-mnist/scnn.onnx --port 0
     python -m collage_inference.serving.worker --config worker.json   # how launchers start it
 
-Endpoints: ``GET /v2``, ``/v2/health/live``, ``/v2/health/ready``, ``/v2/models/{name}``,
-``/v2/models/{name}/ready``, ``/metrics`` (queue depth, load shed) and
-``POST /v2/models/{name}/infer`` (JSON or binary tensors; the ``/versions/1/`` forms too). An
-inference takes one input: the model's own ``input`` (FP32, (N, C, H, W), pixels in [0, 1]) or
-``image`` (UINT8 (H, W), (H, W, C) or (N, H, W[, C]) of any size, resized with the training
-resize). It answers ``label`` (INT64, (N,) or (N, S*S)) and ``probabilities`` (FP32,
-(N, classes) or (N, S*S, classes + 1)), with ``queue_ms``, ``compute_ms`` and ``injected_ms``
-in the response parameters. The model's facts (kind, grid, labels, image_size, channels) are
-its metadata parameters. With a shared token (``$COLLAGE_TOKEN`` or ``--token-file``) every
-endpoint but the health checks wants ``Authorization: Bearer <token>``.
+The V2 endpoints are listed in :meth:`WorkerApi.router`. An inference (JSON or binary tensors)
+takes one input: the model's own ``input`` (FP32, (N, C, H, W), pixels in [0, 1]) or ``image``
+(UINT8 (H, W), (H, W, C) or (N, H, W[, C]) of any size, resized with the training resize). It
+answers ``label`` (INT64, (N,) or (N, S*S)) and ``probabilities`` (FP32, (N, classes) or
+(N, S*S, classes + 1)), with ``queue_ms``, ``compute_ms`` and ``injected_ms`` in the response
+parameters; the model's facts (kind, grid, labels, image_size, channels) are its metadata
+parameters. With a shared token (``$COLLAGE_TOKEN`` or ``--token-file``) every endpoint but the
+health checks wants ``Authorization: Bearer <token>``.
 """
 
 from __future__ import annotations
@@ -23,7 +21,6 @@ import sys
 from collections.abc import Awaitable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 from collage_inference.config import (
     Limits,
@@ -32,13 +29,7 @@ from collage_inference.config import (
     add_slowdown_arguments,
     slowdown_overrides,
 )
-from collage_inference.errors import (
-    CollageError,
-    ConfigError,
-    ListenError,
-    ModelNotFoundError,
-    ProtocolError,
-)
+from collage_inference.errors import CollageError, ConfigError, ListenError, ModelNotFoundError, ProtocolError
 from collage_inference.serving.metrics import Exposition, Metric, counter, gauge
 from collage_inference.serving.modelserver import ModelServer, Result
 from collage_inference.serving.runtime import BACKENDS
@@ -63,8 +54,6 @@ _LENGTH = HEADER_LENGTH.lower()
 
 
 class WorkerApi:
-    """The V2 endpoints of one model server."""
-
     def __init__(self, server: ModelServer) -> None:
         self.server = server
         self.parser = V2Parser(server.settings.limits)
@@ -91,12 +80,11 @@ class WorkerApi:
 
     def check_model(self, request: Request) -> None:
         """404 unless the URL names this server's model (and, if given, its one version)."""
-        name = request.params.get("name", self.server.name)  # an exact route names the model
+        served = self.server.name
+        name = request.params.get("name", served)  # an exact route names the model
         version = request.params.get("version")
-        if name != self.server.name:
-            raise ModelNotFoundError(
-                f"model {name!r} is not served here; this worker serves {self.server.name!r}"
-            )
+        if name != served:
+            raise ModelNotFoundError(f"model {name!r} is not served here; this worker serves {served!r}")
         if version is not None and version != VERSION:
             raise ModelNotFoundError(f"model {name!r} has no version {version!r}; it has version {VERSION}")
 
@@ -104,12 +92,6 @@ class WorkerApi:
         """Parse, check and admit the call; answer at once when it ran inline."""
         self.check_model(request)
         parsed = self.parser.parse_request(request.body, request.headers.get(_LENGTH))
-        result = self._admit(parsed)
-        if isinstance(result, Result):
-            return self._respond(parsed, result)
-        return self._respond_later(parsed, result)
-
-    def _admit(self, parsed: InferRequest) -> Any:
         if len(parsed.inputs) != 1:
             raise ProtocolError(
                 f"send exactly one input, 'input' (FP32 N,C,H,W) or 'image' (UINT8), got {len(parsed.inputs)}"
@@ -121,13 +103,17 @@ class WorkerApi:
             )
         tensor = parsed.inputs[0]
         if tensor.name == "input" and tensor.datatype == "FP32":
-            return self.server.infer(self.server.check_pixels(tensor.data), is_images=False)
-        if tensor.name == "image" and tensor.datatype == "UINT8":
-            return self.server.infer(self.server.check_batch(tensor.data))
-        raise ProtocolError(
-            f"unexpected input {tensor.name!r} ({tensor.datatype}); send 'input' as FP32 (N, C, H, W) "
-            "pixels in [0, 1] or 'image' as UINT8 (H, W), (H, W, C) or (N, H, W[, C])"
-        )
+            result = self.server.infer(self.server.check_pixels(tensor.data), is_images=False)
+        elif tensor.name == "image" and tensor.datatype == "UINT8":
+            result = self.server.infer(self.server.check_batch(tensor.data))
+        else:
+            raise ProtocolError(
+                f"unexpected input {tensor.name!r} ({tensor.datatype}); send 'input' as FP32 (N, C, H, W) "
+                "pixels in [0, 1] or 'image' as UINT8 (H, W), (H, W, C) or (N, H, W[, C])"
+            )
+        if isinstance(result, Result):
+            return self._respond(parsed, result)
+        return self._respond_later(parsed, result)
 
     async def _respond_later(self, parsed: InferRequest, pending: Awaitable[Result]) -> Response:
         return self._respond(parsed, await pending)
@@ -144,8 +130,7 @@ class WorkerApi:
         return Response(body, 200, headers)
 
     def ready(self, request: Request) -> Response:
-        ok = self.server.ready
-        return Response.json({"ready": ok}, 200 if ok else 503)
+        return Response.json({"ready": self.server.ready}, 200 if self.server.ready else 503)
 
     def model_ready(self, request: Request) -> Response:
         self.check_model(request)
@@ -157,26 +142,22 @@ class WorkerApi:
         server = self.server
         channels, size, _ = server.runner.input_shape
         per_input = [server.meta.grid**2] if server.meta.kind == "collage" else []
-        return Response.json(
-            {
-                "name": server.name,
-                "versions": [VERSION],
-                "platform": PLATFORMS[server.runner.backend],
-                "inputs": [
-                    {"name": "input", "datatype": "FP32", "shape": [-1, channels, size, size]},
-                    {"name": "image", "datatype": "UINT8", "shape": [-1, -1, -1, -1]},
-                ],
-                "outputs": [
-                    {"name": "label", "datatype": "INT64", "shape": [-1, *per_input]},
-                    {
-                        "name": "probabilities",
-                        "datatype": "FP32",
-                        "shape": [-1, *per_input, server.meta.config.outputs],
-                    },
-                ],
-                "parameters": server.facts(),
-            }
-        )
+        scores = server.meta.config.outputs  # per image, or per cell of a collage
+        metadata = {
+            "name": server.name,
+            "versions": [VERSION],
+            "platform": PLATFORMS[server.runner.backend],
+            "inputs": [
+                {"name": "input", "datatype": "FP32", "shape": [-1, channels, size, size]},
+                {"name": "image", "datatype": "UINT8", "shape": [-1, -1, -1, -1]},
+            ],
+            "outputs": [
+                {"name": "label", "datatype": "INT64", "shape": [-1, *per_input]},
+                {"name": "probabilities", "datatype": "FP32", "shape": [-1, *per_input, scores]},
+            ],
+            "parameters": server.facts(),
+        }
+        return Response.json(metadata)
 
     def metrics(self, request: Request) -> Response:
         return Response(self.exposition.render(), 200, {"Content-Type": Exposition.CONTENT_TYPE})
@@ -234,12 +215,10 @@ def settings_from_args(args: argparse.Namespace) -> WorkerSettings:
         raise ConfigError("give --model PATH (or --config FILE)")
     given = {k: v for k, v in vars(args).items() if v is not None}
     limits = Limits()
-    if "max_body_mb" in given or "body_timeout" in given:
-        limits = replace(
-            limits,
-            max_body_bytes=int(given.get("max_body_mb", limits.max_body_bytes / 2**20) * 2**20),
-            body_timeout=given.get("body_timeout", limits.body_timeout),
-        )
+    if "max_body_mb" in given:
+        limits = replace(limits, max_body_bytes=int(given["max_body_mb"] * 2**20))
+    if "body_timeout" in given:
+        limits = replace(limits, body_timeout=given["body_timeout"])
     slow = slowdown_overrides(args)
     keys = ("host", "port", "backend", "threads", "name", "max_queue", "max_batch", "token_file")
     return WorkerSettings(
@@ -256,12 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s worker %(levelname)s %(message)s")
     try:
         run(serve_worker(settings_from_args(args)))
-    except ListenError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return ListenError.exit_code
     except CollageError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return ListenError.exit_code if isinstance(exc, ListenError) else 2
     return 0
 
 

@@ -1,0 +1,128 @@
+"""The front end in front of real V2 servers that are not ours: a Triton Inference Server (the one
+`nvidia-pytriton` bundles) serving both shipped ONNX files, and KServe's Python model server
+serving the s-CNN, each in the exported model's own tensors (the `tensor` contract), with the
+model facts read from the exported files (`model_file`). They run from `.venv-triton`, which
+`make setup` builds; where it could not be built the tests say so and are skipped."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from collage_inference.bench.loadgen import LoadConfig, run_load_sync
+from collage_inference.config import ServeConfig, WorkerEndpoint
+from collage_inference.deploy.local import LocalCluster
+
+REPO = Path(__file__).resolve().parents[2]
+PYTHON = REPO / ".venv-triton" / "bin" / "python"
+SERVERS = Path(__file__).resolve().parent / "servers"
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not PYTHON.exists(), reason=".venv-triton is missing (`make setup` builds it where it can)"
+    ),
+]
+
+
+def free_port(count: int = 1) -> int:
+    """A port with ``count - 1`` free ones after it (Triton takes HTTP, gRPC and metrics ports)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port + count < 65536 and all(_free(port + i) for i in range(1, count)):
+            return port
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) != 0
+
+
+@contextmanager
+def server(args: list[str], url: str, models: list[str]) -> Iterator[None]:
+    """A server process from .venv-triton, once every one of ``models`` answers ready."""
+    libdir = subprocess.run(
+        [str(PYTHON), "-c", "import sysconfig; print(sysconfig.get_config_var('LIBDIR'))"],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
+    env = {
+        **os.environ,
+        "LD_LIBRARY_PATH": os.pathsep.join(filter(None, [libdir, os.environ.get("LD_LIBRARY_PATH")])),
+    }
+    # Its output goes to a file: a pipe nobody reads fills up and stalls a server that logs every call.
+    log = tempfile.TemporaryFile()  # noqa: SIM115  (closed in the finally below)
+    proc = subprocess.Popen(  # its own session: KServe signals its whole process group on exit
+        [str(PYTHON), *args], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                for model in models:
+                    with urllib.request.urlopen(f"{url}/v2/models/{model}/ready", timeout=2):
+                        pass
+                break
+            except OSError:  # refused, or 4xx/5xx (HTTPError) while the models load
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                log.seek(0)
+                pytest.fail(f"{args[0]} did not become ready: {log.read().decode(errors='replace')[-3000:]}")
+            time.sleep(0.5)
+        yield
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+def test_collage_in_front_of_a_real_triton(models_dir: Path, fashion_test) -> None:
+    port = free_port(3)
+    url = f"http://127.0.0.1:{port}"
+    scnn, collage = models_dir / "scnn.onnx", models_dir / "collage-3x3.onnx"
+    args = [str(SERVERS / "triton_server.py"), str(port), f"scnn={scnn}", f"collage-3x3={collage}",
+            "--slow", "scnn:0.05:0.3"]  # fmt: skip
+    with server(args, url, ["scnn", "collage-3x3"]):
+        config = ServeConfig(
+            mode="collage", grid=3, port=0,
+            scnn=(WorkerEndpoint(url, "scnn", model_file=scnn),),
+            collage=(WorkerEndpoint(url, "collage-3x3", model_file=collage),),
+        )  # fmt: skip
+        with LocalCluster(config) as cluster:
+            load = LoadConfig(cluster.url, rate=30, requests=300, warmup=20, seed=3)
+            result = run_load_sync(load, fashion_test.images[:500], fashion_test.labels[:500])
+    assert (result.answered, result.failed, result.unsent, result.overflowed) == (300, 0, 0, 0), (
+        result.summary
+    )
+    assert result.accuracy >= 0.90, result.accuracy
+    assert result.source_shares.get("collage", 0) > 0  # the collage answered for Triton's stragglers
+
+
+def test_the_s_cnn_in_front_of_kserve(models_dir: Path, fashion_test) -> None:
+    port = free_port(2)
+    url = f"http://127.0.0.1:{port}"
+    scnn = models_dir / "scnn.onnx"
+    with server([str(SERVERS / "kserve_server.py"), str(port), "scnn", str(scnn)], url, ["scnn"]):
+        config = ServeConfig(
+            mode="none", grid=2, port=0, scnn=(WorkerEndpoint(url, "scnn", model_file=scnn),)
+        )
+        with LocalCluster(config) as cluster:
+            load = LoadConfig(cluster.url, rate=30, requests=100, warmup=10, seed=4)
+            result = run_load_sync(load, fashion_test.images[:200], fashion_test.labels[:200])
+    assert (result.answered, result.failed, result.unsent, result.overflowed) == (100, 0, 0, 0), (
+        result.summary
+    )
+    assert result.accuracy >= 0.90, result.accuracy
