@@ -49,9 +49,13 @@ def main() -> None:
         for item in args:
             name, path = item.split("=", 1)
             infer, shape, out = model(path, slow.get(name), random.Random(0))
-            triton.bind(model_name=name, infer_func=infer, inputs=[Tensor(name="input", dtype=np.float32, shape=shape)],
-                        outputs=[Tensor(name="logits", dtype=np.float32, shape=out)],
-                        config=ModelConfig(max_batch_size=64))  # fmt: skip
+            triton.bind(
+                model_name=name,
+                infer_func=infer,
+                inputs=[Tensor(name="input", dtype=np.float32, shape=shape)],
+                outputs=[Tensor(name="logits", dtype=np.float32, shape=out)],
+                config=ModelConfig(max_batch_size=64),
+            )
         print(f"ready on http://127.0.0.1:{port}", flush=True)
         triton.serve()
 
