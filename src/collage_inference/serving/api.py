@@ -53,7 +53,15 @@ from collage_inference.serving.v2 import (
     V2Parser,
     render_infer_response,
 )
-from collage_inference.serving.web.routes import Request, Response, Route, Router, load_token, run
+from collage_inference.serving.web.routes import (
+    Request,
+    Response,
+    Route,
+    Router,
+    load_token,
+    model_routes,
+    run,
+)
 from collage_inference.serving.web.server import serve
 
 log = logging.getLogger("collage_inference.serving")
@@ -74,24 +82,18 @@ class FrontEndApi:
 
     def router(self, token: str | None = None) -> Router:
         """The route table: every entry point serves this one."""
-        routes = [
-            Route("GET", "/v2", lambda r: Response.json(SERVER_METADATA)),
-            Route("GET", "/v2/health/live", lambda r: Response.json({"live": True})),
-            Route("GET", "/v2/health/ready", self.ready),
-            Route("POST", "/predict", self.predict),
-            Route("GET", "/metrics", self.metrics),
-            Route("PUT", "/admin/workers/{id}", self.move_worker),
-        ]
-        # The served model's infer paths are declared literally too: an exact path is a dict
-        # lookup, where a {name} pattern is a regular expression run on every request.
-        served = (f"/v2/models/{self.model_name}", f"/v2/models/{self.model_name}/versions/1")
-        routes += [Route("POST", prefix + "/infer", self.infer) for prefix in served]
-        for prefix in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
-            routes += [
-                Route("GET", prefix, self.metadata),
-                Route("GET", prefix + "/ready", self.model_ready),
-                Route("POST", prefix + "/infer", self.infer),
-            ]
+        routes = model_routes(
+            self.model_name,
+            "1",
+            ready=self.ready,
+            metadata=self.metadata,
+            model_ready=self.model_ready,
+            infer=self.infer,
+            metrics=self.metrics,
+            server_metadata=SERVER_METADATA,
+        )
+        routes.append(Route("POST", "/predict", self.predict))
+        routes.append(Route("PUT", "/admin/workers/{id}", self.move_worker))
         return Router(routes, token=token, on_status=self.count_status)
 
     def count_status(self, status: int) -> None:

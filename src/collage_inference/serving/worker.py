@@ -42,7 +42,7 @@ from collage_inference.serving.v2 import (
     V2Parser,
     render_infer_response,
 )
-from collage_inference.serving.web.routes import Request, Response, Route, Router, load_token, run
+from collage_inference.serving.web.routes import Request, Response, Router, load_token, model_routes, run
 from collage_inference.serving.web.server import serve
 
 log = logging.getLogger(__name__)
@@ -60,22 +60,16 @@ class WorkerApi:
         self.exposition = Exposition(self._families)
 
     def router(self, token: str | None = None) -> Router:
-        routes = [
-            Route("GET", "/v2", lambda r: Response.json(SERVER_METADATA)),
-            Route("GET", "/v2/health/live", lambda r: Response.json({"live": True})),
-            Route("GET", "/v2/health/ready", self.ready),
-            Route("GET", "/metrics", self.metrics),
-        ]
-        # The model's infer paths are declared literally too: an exact path is a dict lookup,
-        # where a {name} pattern is a regular expression run on every request.
-        served = (f"/v2/models/{self.server.name}", f"/v2/models/{self.server.name}/versions/{VERSION}")
-        routes += [Route("POST", prefix + "/infer", self.infer) for prefix in served]
-        for prefix in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
-            routes += [
-                Route("GET", prefix, self.metadata),
-                Route("GET", prefix + "/ready", self.model_ready),
-                Route("POST", prefix + "/infer", self.infer),
-            ]
+        routes = model_routes(
+            self.server.name,
+            VERSION,
+            ready=self.ready,
+            metadata=self.metadata,
+            model_ready=self.model_ready,
+            infer=self.infer,
+            metrics=self.metrics,
+            server_metadata=SERVER_METADATA,
+        )
         return Router(routes, token=token)
 
     def check_model(self, request: Request) -> None:

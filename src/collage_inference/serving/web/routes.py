@@ -123,6 +123,38 @@ class Route:
 _Table = dict[str, Handler]  # method -> handler, for one path
 
 
+def model_routes(
+    model: str,
+    version: str,
+    *,
+    ready: Handler,
+    metadata: Handler,
+    model_ready: Handler,
+    infer: Handler,
+    metrics: Handler,
+    server_metadata: Mapping[str, Any],
+) -> list[Route]:
+    """The Open Inference Protocol (KServe V2) endpoints of a service that serves ``model``:
+    health, server metadata, ``/metrics``, and each model path with and without
+    ``/versions/{version}``. The served model's infer paths are declared literally too: an
+    exact path is a dict lookup, where a ``{name}`` pattern is a regular expression run on every
+    request."""
+    routes = [
+        Route("GET", "/v2", lambda r: Response.json(server_metadata)),
+        Route("GET", "/v2/health/live", lambda r: Response.json({"live": True})),
+        Route("GET", "/v2/health/ready", ready),
+        Route("GET", "/metrics", metrics),
+    ]
+    routes += [Route("POST", f"/v2/models/{model}{v}/infer", infer) for v in ("", f"/versions/{version}")]
+    for prefix in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
+        routes += [
+            Route("GET", prefix, metadata),
+            Route("GET", prefix + "/ready", model_ready),
+            Route("POST", prefix + "/infer", infer),
+        ]
+    return routes
+
+
 class Router:
     """One service's endpoints, declared once as data; every entry point serves this table.
 
