@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup data tools triton demo test test-fast models lint clean
+.PHONY: setup data tools triton demo test test-fast bench-triton models lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ test: setup
 
 test-fast: setup
 	$(BIN)/pytest -q -m "not slow"
+
+# The front end's overhead in front of a real Triton beside its own worker's (`collage bench-serving`).
+bench-triton: setup
+	scripts/bench-triton.sh
 
 # Retrain every shipped model from scratch and re-export ONNX (about 80 minutes on 2 cores).
 models: setup

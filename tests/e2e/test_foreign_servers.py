@@ -6,6 +6,7 @@ model facts read from the exported files (`model_file`). They run from `.venv-tr
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -16,13 +17,17 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from collage_inference.bench.loadgen import LoadConfig, run_load_sync
+from collage_inference.bench.serving import overhead
 from collage_inference.config import ServeConfig, WorkerEndpoint
 from collage_inference.deploy.local import LocalCluster
+from collage_inference.onnxfile import onnx_session
 
 REPO = Path(__file__).resolve().parents[2]
+TRITON = REPO / "examples" / "triton" / "pytriton_server.py"
 PYTHON = REPO / ".venv-triton" / "bin" / "python"
 SERVERS = Path(__file__).resolve().parent / "servers"
 pytestmark = [
@@ -93,7 +98,7 @@ def test_collage_in_front_of_a_real_triton(models_dir: Path, fashion_test) -> No
     port = free_port(3)
     url = f"http://127.0.0.1:{port}"
     scnn, collage = models_dir / "scnn.onnx", models_dir / "collage-3x3.onnx"
-    args = [str(SERVERS / "triton_server.py"), str(port), f"scnn={scnn}", f"collage-3x3={collage}",
+    args = [str(TRITON), str(port), f"scnn={scnn}", f"collage-3x3={collage}",
             "--slow", "scnn:0.05:0.3"]  # fmt: skip
     with server(args, url, ["scnn", "collage-3x3"]):
         config = ServeConfig(
@@ -126,3 +131,59 @@ def test_the_s_cnn_in_front_of_kserve(models_dir: Path, fashion_test) -> None:
         result.summary
     )
     assert result.accuracy >= 0.90, result.accuracy
+
+
+def test_bench_serving_measures_the_overhead_in_front_of_triton(models_dir: Path, fashion_test) -> None:
+    """The direct side calls Triton in the model's own tensors, the other side goes through the
+    front end; both are answered and judged on the same images."""
+    port = free_port(3)
+    url = f"http://127.0.0.1:{port}"
+    scnn = models_dir / "scnn.onnx"
+    args = [str(TRITON), str(port), f"scnn={scnn}"]
+    with server(args, url, ["scnn"]):
+        images, labels = fashion_test.images[:300], fashion_test.labels[:300]
+        report = overhead(50, 100, 2, images, labels, WorkerEndpoint(url, "scnn", model_file=scnn))
+    assert report["server"] == f"{url}#scnn@{scnn}"
+    assert report["errors"] == 0 and report["frontend_accuracy"] >= 0.90
+    assert 0 < report["direct_p50_ms"] < report["direct_p99_ms"]
+    assert 0 < report["frontend_call_p50_ms"] < report["frontend_p50_ms"]
+    assert len(report["pair_overheads_p50_ms"]) == 2
+
+
+_READ_CONFIGS = """
+import json, sys
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as pb
+
+def tensors(items):
+    return [[t.name, pb.DataType.Name(t.data_type), list(t.dims)] for t in items]
+
+found = {}
+for path in sys.argv[1:]:
+    with open(path) as f:
+        config = text_format.Parse(f.read(), pb.ModelConfig())  # strict: unknown fields fail
+    found[config.name] = {
+        "backend": config.backend, "max_batch_size": config.max_batch_size,
+        "inputs": tensors(config.input), "outputs": tensors(config.output),
+    }
+print(json.dumps(found))
+"""
+
+
+def test_the_example_model_repository_describes_the_shipped_files(models_dir: Path) -> None:
+    """examples/triton's config.pbtxt files parse as Triton's own ModelConfig (the protobuf that
+    tritonclient ships) and name the tensors, types and shapes of the ONNX files they serve."""
+    configs = sorted((REPO / "examples" / "triton" / "model_repository").glob("*/config.pbtxt"))
+    done = subprocess.run([str(PYTHON), "-c", _READ_CONFIGS, *map(str, configs)],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    found = json.loads(done.stdout)
+    assert sorted(found) == sorted(path.parent.name for path in configs) == ["collage-3x3", "scnn"]
+    for name, config in found.items():
+        session = onnx_session(models_dir / f"{name}.onnx")
+        (inp,), (out,) = session.get_inputs(), session.get_outputs()
+        assert config["backend"] == "onnxruntime" and config["max_batch_size"] >= 1
+        assert inp.type == out.type == "tensor(float)" and not isinstance(inp.shape[0], int)  # batch
+        assert config["inputs"] == [[inp.name, "TYPE_FP32", inp.shape[1:]]]
+        # The file leaves the collage's output dims symbolic: a run gives them.
+        (logits,) = session.run([out.name], {inp.name: np.zeros([2, *inp.shape[1:]], np.float32)})
+        assert config["outputs"] == [[out.name, "TYPE_FP32", list(logits.shape[1:])]]

@@ -128,6 +128,11 @@ def test_examples_parse(models_dir: Path) -> None:
     assert not local.remote and local.models_dir == models_dir.resolve() and local.slowdown.workers == (0,)
     remote = load_config(examples / "cluster.toml")
     assert remote.remote and remote.scnn_count == 3 and remote.collage[0].arg.endswith("#collage-3x3")
+    triton = load_config(examples / "triton" / "frontend.toml")
+    assert [w.model_file for w in triton.scnn + triton.collage] == [
+        (models_dir / "scnn.onnx").resolve(),
+        (models_dir / "collage-3x3.onnx").resolve(),
+    ]
 
 
 def test_missing_models_fail_before_any_process_starts(tmp_path: Path) -> None:

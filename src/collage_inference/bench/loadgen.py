@@ -31,15 +31,13 @@ Failures are counted by cause in ``summary.errors``: an HTTP status (``"503"``),
 no single label), ``"overflow"``, ``"cancelled"`` (in flight when the overall timeout ended the
 run) and ``"unsent"`` (scheduled after the overall timeout).
 
-``/predict`` answers are expected as a JSON object with an integer ``label`` (or a one-element
-list) and optionally ``source`` and ``parameters``.
+What is sent and read (the ``v2``, ``tensor`` and ``predict`` targets) is in :mod:`.payload`.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import io
 import json
 import math
 import os
@@ -58,21 +56,15 @@ import httptools
 import numpy as np
 from multidict import CIMultiDict
 
+from collage_inference.bench.payload import TensorInput, as_hwc, parse_answer, render_payload
 from collage_inference.bench.stats import Histogram, LatencySummary
 from collage_inference.data import DATASET_KINDS, load_dataset
 from collage_inference.errors import CollageError, ConfigError, ProtocolError
-from collage_inference.serving.v2 import (
-    HEADER_LENGTH,
-    InferRequest,
-    InferTensor,
-    parse_infer_response,
-    render_infer_request,
-)
 from collage_inference.serving.web.client import HttpClient
 from collage_inference.serving.web.routes import load_token, run
 
 ARRIVALS = ("poisson", "constant", "burst")
-TARGETS = ("v2", "predict")
+TARGETS = ("v2", "tensor", "predict")
 UNREPORTED = "unreported"  # the server named no source (a bare worker, an external V2 server)
 _START_LEAD_S = 0.05  # the first arrival is this far after setup, so it is not late by construction
 
@@ -89,7 +81,8 @@ class LoadConfig:
     burst_size: int = 9  # requests per burst (arrival "burst" only)
     seed: int = 0
     warmup: int = 0
-    target: str = "v2"  # "v2": POST {url}/v2/models/{model}/infer; "predict": POST {url}/predict (PNG)
+    target: str = "v2"  # "v2" / "tensor": POST {url}/v2/models/{model}/infer; "predict": {url}/predict
+    tensor: TensorInput | None = None  # the model's own input (target "tensor" only)
     binary: bool = True  # V2 binary tensor extension; False sends and asks for JSON
     timeout_s: float = 10.0  # per request, from when it is sent
     overall_timeout_s: float | None = None  # None: the schedule's span + timeout_s + 5 s
@@ -109,6 +102,8 @@ class LoadConfig:
             )
         if self.target not in TARGETS:
             raise ConfigError(f"unknown target {self.target!r}; choose one of {', '.join(TARGETS)}")
+        if (self.target == "tensor") != (self.tensor is not None):
+            raise ConfigError("the tensor target needs the model's input: give --model-file PATH.onnx")
         if not self.timeout_s > 0 or (self.overall_timeout_s is not None and not self.overall_timeout_s > 0):
             raise ConfigError("timeouts must be positive seconds")
         if self.burst_size < 1:
@@ -217,82 +212,6 @@ def _finite_or_none(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
-# --- payloads and answers ------------------------------------------------------------------------
-
-
-def _as_hwc(images: np.ndarray) -> np.ndarray:
-    images = np.asarray(images)
-    if images.dtype != np.uint8 or images.ndim not in (3, 4) or len(images) == 0:
-        raise ConfigError(
-            f"images must be a non-empty uint8 (N, H, W[, C]) array, got {images.dtype} {images.shape}"
-        )
-    return images[..., None] if images.ndim == 3 else images
-
-
-def render_payload(image: np.ndarray, config: LoadConfig) -> tuple[bytes, dict[str, str]]:
-    """The request body and headers for one (H, W, C) uint8 image."""
-    if config.target == "predict":
-        from PIL import Image
-
-        buffer = io.BytesIO()
-        Image.fromarray(image[..., 0] if image.shape[2] == 1 else image).save(buffer, format="PNG")
-        return buffer.getvalue(), {"Content-Type": "image/png"}
-    request = InferRequest(None, (InferTensor.of("image", image),), binary_outputs=config.binary)
-    return render_infer_request(request, binary_inputs=config.binary)
-
-
-@dataclass(frozen=True)
-class Answer:
-    """The parts of a response the benchmark uses."""
-
-    label: int
-    source: str | None
-    timings: Mapping[str, float]
-
-
-def parse_answer(body: bytes, headers: Mapping[str, str], target: str) -> Answer:
-    """One label (plus source and ``*_ms`` timings when present) from a 200 response.
-
-    Raises :class:`ProtocolError` when the body is not a one-label answer."""
-    if target == "predict":
-        try:
-            doc = json.loads(body)
-        except ValueError as exc:
-            raise ProtocolError(f"/predict answered non-JSON: {exc}") from None
-        if not isinstance(doc, dict):
-            raise ProtocolError("/predict must answer a JSON object")
-        label, source, parameters = doc.get("label"), doc.get("source"), doc.get("parameters", {})
-        parameters = {**doc, **parameters} if isinstance(parameters, dict) else doc
-        labels = np.asarray(label if isinstance(label, list) else [label], dtype=object)
-    else:
-        response = parse_infer_response(body, headers.get(HEADER_LENGTH))
-        labels = response.output("label").data.ravel()
-        parameters = dict(response.parameters)
-        source = parameters.get("source")
-        if any(t.name == "source" for t in response.outputs):
-            raw = response.output("source").data.ravel()
-            source = raw[0].decode(errors="replace") if raw.size == 1 else None
-    if labels.size != 1 or isinstance(labels[0], bool) or not isinstance(labels[0], int | np.integer):
-        raise ProtocolError(f"expected one integer label, got {labels.tolist()!r}")
-    return Answer(int(labels[0]), source if isinstance(source, str) else None, _timings(parameters))
-
-
-def _timings(parameters: Mapping[str, Any]) -> dict[str, float]:
-    """Numeric ``*_ms`` values (a number or a one-element list, as a batch-of-one answer has)
-    and the entries of a ``timings_ms`` object; everything else is ignored."""
-    found: dict[str, float] = {}
-    nested = parameters.get("timings_ms")
-    items = list(parameters.items())
-    if isinstance(nested, dict):
-        items += [(f"{k}_ms", v) for k, v in nested.items()]
-    for key, value in items:
-        if isinstance(value, list) and len(value) == 1:
-            value = value[0]
-        if key.endswith("_ms") and isinstance(value, int | float) and not isinstance(value, bool):
-            found[key] = float(value)
-    return found
-
-
 # --- the run -------------------------------------------------------------------------------------
 
 
@@ -312,6 +231,7 @@ class _Run:
             for body, headers in (render_payload(images[i], config) for i in range(min(total, len(images))))
         ]
         self.path = urlsplit(config.endpoint).path
+        self._scores = config.tensor.output if config.tensor else "logits"
         self.records: list[RequestRecord | None] = [None] * total
         self.sent_at: list[float | None] = [None] * total
         self.done_at: list[float | None] = [None] * total
@@ -349,7 +269,7 @@ class _Run:
             if status != 200:
                 return self._record(i, str(status), **fields)
             try:
-                answer = parse_answer(payload, reply_headers, self.config.target)
+                answer = parse_answer(payload, reply_headers, self.config.target, self._scores)
             except ProtocolError:
                 return self._record(i, "bad-response", **fields)
             truth = int(self.labels[self.image_of[i]])
@@ -436,7 +356,7 @@ async def run_load(config: LoadConfig, images: np.ndarray, labels: np.ndarray) -
     images: uint8 (N, H, W[, C]); request i carries image ``i % N`` and is judged against
     ``labels[i % N]``. Returns when every request has an outcome or the overall timeout passed.
     """
-    images = _as_hwc(images)
+    images = as_hwc(images)
     labels = np.asarray(labels)
     if labels.shape != (len(images),):
         raise ConfigError(f"need one label per image: {len(images)} images, labels of shape {labels.shape}")
@@ -485,7 +405,8 @@ def format_result(result: LoadResult) -> str:
     s, c = result.summary, result.config
     env = environment()
     rows = [
-        ("target", f"{c.endpoint} ({'PNG' if c.target == 'predict' else 'binary' if c.binary else 'JSON'})"),
+        ("target", f"{c.endpoint} ({'PNG' if c.target == 'predict' else 'binary' if c.binary else 'JSON'}"
+                   f"{', FP32 ' + c.tensor.input if c.tensor else ''})"),
         ("load", f"{c.arrival}{f' of {c.burst_size}' if c.arrival == 'burst' else ''} {c.rate:g} req/s, "
                  f"seed {c.seed}, {c.warmup} warm-up excluded"),
         ("requests", f"{result.requests} scheduled, {result.sent} sent, {result.answered} answered, "
@@ -527,7 +448,13 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--timeout", type=float, default=10.0, help="per-request timeout, seconds")
     parser.add_argument("--overall-timeout", type=float, help="whole-run limit (default: schedule + 15 s)")
     parser.add_argument("--max-in-flight", type=int, default=256, help="beyond this, count an overflow")
-    parser.add_argument("--predict", action="store_true", help="POST PNG bodies to {url}/predict instead")
+    what = parser.add_mutually_exclusive_group()
+    what.add_argument("--predict", action="store_true", help="POST PNG bodies to {url}/predict instead")
+    what.add_argument(
+        "--model-file", type=Path, metavar="PATH.onnx",
+        help="the server runs this exported file itself (Triton, KServe, MLServer): send its own "
+             "tensors (FP32 input) and read the label from its logits",
+    )  # fmt: skip
     parser.add_argument("--json-body", action="store_true", help="V2 JSON tensors instead of binary")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     parser.add_argument("--token-file", type=Path, help="bearer token of a protected server ($COLLAGE_TOKEN)")
@@ -549,7 +476,8 @@ def main(argv: list[str] | None = None) -> int:
             burst_size=args.burst_size,
             seed=args.seed,
             warmup=args.warmup,
-            target="predict" if args.predict else "v2",
+            target="predict" if args.predict else "tensor" if args.model_file else "v2",
+            tensor=TensorInput.of_file(args.model_file) if args.model_file else None,
             binary=not args.json_body,
             timeout_s=args.timeout,
             overall_timeout_s=args.overall_timeout,

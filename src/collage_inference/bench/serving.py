@@ -4,7 +4,11 @@
    the front end (mode ``none``, that worker alone), at the same open-loop rate, in short
    direct / front-end pairs. The order alternates from pair to pair (AB BA AB ...), so a drift
    in the speed of a shared machine hits both sides alike; the overhead is the median of the
-   pairs' own differences, at p50 and at p99.
+   pairs' own differences, at p50 and at p99. With ``--v2-server URL#MODEL@FILE.onnx`` the same
+   pairs are measured again in front of that server (a Triton, KServe or MLServer serving the
+   exported s-CNN in its own tensors), and both overheads are reported side by side. There the
+   direct side sends the FP32 tensors ready-made, rendered before the clock starts, while the
+   front end resizes and scales each image itself: that work is part of its overhead.
 2. Sustained rate: mode ``collage`` with S = 3 (9 s-CNN workers, 1 collage worker) at a high
    open-loop rate; "no growing queues" means no errors, the offered rate achieved, and the last
    fifth of the run no slower at p50 than the first fifth (ratio reported).
@@ -18,6 +22,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import statistics
 import sys
 from dataclasses import dataclass
@@ -25,9 +30,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from collage_inference.bench.loadgen import LoadConfig, LoadResult, environment, run_load_sync
-from collage_inference.config import load_config
+from collage_inference.bench.payload import TensorInput
+from collage_inference.config import WorkerEndpoint, load_config
 from collage_inference.data import load_dataset
 from collage_inference.deploy.local import LocalCluster
+from collage_inference.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -42,22 +49,50 @@ class Figure:
         object.__setattr__(self, "met", bool(self.met))
 
 
-def _load(url: str, model: str, rate: float, requests: int, seed: int, images, labels) -> LoadResult:
-    config = LoadConfig(url, rate, requests, model=model, seed=seed, warmup=max(50, requests // 10))
+@dataclass(frozen=True)
+class Target:
+    """Where one side of an overhead pair sends its requests."""
+
+    url: str
+    model: str
+    tensor: TensorInput | None = None  # the server runs the exported file in its own tensors
+
+
+def _load(target: Target, rate: float, requests: int, seed: int, images, labels) -> LoadResult:
+    config = LoadConfig(
+        target.url, rate, requests, model=target.model, seed=seed, warmup=max(50, requests // 10),
+        target="tensor" if target.tensor else "v2", tensor=target.tensor,
+    )  # fmt: skip
     return run_load_sync(config, images, labels)
 
 
-def overhead(rate: float, requests: int, repeats: int, images, labels) -> dict:
-    """p50/p99 of direct worker calls vs calls through the front end, in ``repeats`` pairs."""
-    config = load_config(overrides={"mode": "none", "grid": 2, "scnn_workers": 1, "port": 0})
-    direct, fronted = [], []
-    with LocalCluster(config) as cluster:
-        targets = {"direct": (cluster.worker_urls[0], "scnn"), "fronted": (cluster.url, "classifier")}
+def overhead(
+    rate: float, requests: int, repeats: int, images, labels, server: WorkerEndpoint | None = None
+) -> dict:
+    """p50/p99 of direct calls to one s-CNN server vs calls through the front end (mode ``none``,
+    that server alone), in ``repeats`` pairs. ``server``: a V2 server already running elsewhere
+    (Triton, KServe, MLServer); None: a worker of our own, started here."""
+    overrides: dict = {"mode": "none", "grid": 2, "scnn_workers": 1, "port": 0}
+    if server is not None:
+        overrides["scnn"] = [server]
+    direct, fronted, inside, call = [], [], [], []
+    with LocalCluster(load_config(overrides=overrides)) as cluster:
+        if server is None:
+            direct_target = Target(cluster.worker_urls[0], "scnn")
+        else:
+            tensor = TensorInput.of_file(server.model_file) if server.model_file else None
+            direct_target = Target(server.url, server.model, tensor)
+        targets = {"direct": direct_target, "fronted": Target(cluster.url, "classifier")}
         for i in range(repeats):
             order = ["direct", "fronted"] if i % 2 == 0 else ["fronted", "direct"]
-            runs = {side: _load(*targets[side], rate, requests, i, images, labels).summary for side in order}
-            direct.append(runs["direct"])
-            fronted.append(runs["fronted"])
+            runs = {side: _load(targets[side], rate, requests, i, images, labels) for side in order}
+            direct.append(runs["direct"].summary)
+            fronted.append(runs["fronted"].summary)
+            accuracy = runs["fronted"].accuracy
+            # What the front end reports of each answer: admission to answer, and its call in that.
+            timed = [r.timings for r in runs["fronted"].records if "round_trip_ms" in r.timings]
+            inside += [t["latency_ms"] - t["round_trip_ms"] for t in timed if "latency_ms" in t]
+            call += [t["round_trip_ms"] for t in timed]
 
     def med(runs, key):
         return statistics.median(getattr(s, key) for s in runs)
@@ -65,6 +100,7 @@ def overhead(rate: float, requests: int, repeats: int, images, labels) -> dict:
     pairs_p50 = [f.p50_ms - d.p50_ms for d, f in zip(direct, fronted, strict=True)]
     pairs_p99 = [f.p99_ms - d.p99_ms for d, f in zip(direct, fronted, strict=True)]
     return {
+        "server": "own worker" if server is None else server.arg,
         "rate_rps": rate,
         "requests_per_run": requests,
         "repeats": repeats,
@@ -77,6 +113,11 @@ def overhead(rate: float, requests: int, repeats: int, images, labels) -> dict:
         "overhead_p99_ms": statistics.median(pairs_p99),
         "pair_overheads_p50_ms": pairs_p50,
         "pair_overheads_p99_ms": pairs_p99,
+        # Where the front end's side goes: inside it (admission to answer, less its call), its
+        # call to the server, and the rest: the second hop's HTTP and the processes' contention.
+        "inside_frontend_p50_ms": float(np.median(inside)) if inside else math.nan,
+        "frontend_call_p50_ms": float(np.median(call)) if call else math.nan,
+        "frontend_accuracy": accuracy,  # of the last run through the front end
         "errors": sum(s.error_count for s in direct + fronted),
     }
 
@@ -85,7 +126,7 @@ def sustained(rate: float, requests: int, images, labels) -> dict:
     """Collage mode, S = 3, at ``rate``: achieved throughput and queue growth."""
     config = load_config(overrides={"mode": "collage", "grid": 3, "port": 0})
     with LocalCluster(config) as cluster:
-        result = _load(cluster.url, "classifier", rate, requests, 7, images, labels)
+        result = _load(Target(cluster.url, "classifier"), rate, requests, 7, images, labels)
     lat = np.asarray(result.latencies_ms)
     fifth = max(len(lat) // 5, 1)
     first, last = float(np.median(lat[:fifth])), float(np.median(lat[-fifth:]))
@@ -104,14 +145,20 @@ def sustained(rate: float, requests: int, images, labels) -> dict:
     }
 
 
-def figures(over: dict, sus: dict) -> list[Figure]:
+def figures(overheads: list[dict], sus: dict) -> list[Figure]:
+    own, *foreign = overheads
+    rows = [
+        Figure("front-end overhead p50 (ms)", own["overhead_p50_ms"], "<= 1", own["overhead_p50_ms"] <= 1.0),
+        Figure("front-end overhead p99 (ms)", own["overhead_p99_ms"], "<= 3", own["overhead_p99_ms"] <= 3.0),
+    ]
+    for over in foreign:  # reported beside the own worker's; the targets are for our own stack
+        rows += [
+            Figure(f"front-end overhead {q} in front of {over['server']} (ms)", over[f"overhead_{q}_ms"],
+                   "reported, no errors", over["errors"] == 0)
+            for q in ("p50", "p99")
+        ]  # fmt: skip
     return [
-        Figure(
-            "front-end overhead p50 (ms)", over["overhead_p50_ms"], "<= 1", over["overhead_p50_ms"] <= 1.0
-        ),
-        Figure(
-            "front-end overhead p99 (ms)", over["overhead_p99_ms"], "<= 3", over["overhead_p99_ms"] <= 3.0
-        ),
+        *rows,
         Figure(
             "sustained rate, collage S=3 (req/s)",
             sus["achieved_rps"],
@@ -123,27 +170,61 @@ def figures(over: dict, sus: dict) -> list[Figure]:
     ]
 
 
+def _endpoint(arg: str) -> WorkerEndpoint:
+    """``URL#MODEL@FILE.onnx`` as the front end reads it from ``--scnn``."""
+    return load_config(overrides={"mode": "none", "grid": 2, "scnn": [arg]}).scnn[0]
+
+
+def _print_overhead(over: dict) -> None:
+    print(f"s-CNN server    {over['server']}, {over['rate_rps']:g} req/s, {over['repeats']} pairs")
+    print(f"  direct        p50 {over['direct_p50_ms']:.2f} ms  p99 {over['direct_p99_ms']:.2f} ms")
+    print(f"  via front end p50 {over['frontend_p50_ms']:.2f} ms  p99 {over['frontend_p99_ms']:.2f} ms")
+    pairs = zip(over["pair_overheads_p50_ms"], over["pair_overheads_p99_ms"], strict=True)
+    print("  pairs p50/p99 " + ", ".join(f"{a:+.2f} / {b:+.2f}" for a, b in pairs) + " ms")
+    print(
+        f"  overhead      p50 {over['overhead_p50_ms']:+.2f} ms, p99 {over['overhead_p99_ms']:+.2f} ms "
+        f"(median of the pairs), errors {over['errors']}, accuracy {over['frontend_accuracy']:.4f}"
+    )
+    print(
+        f"  in the front end: p50 {over['inside_frontend_p50_ms']:.2f} ms admission to answer less its "
+        f"call, call p50 {over['frontend_call_p50_ms']:.2f} ms"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="collage bench-serving", description=__doc__.split("\n\n")[0])
     p.add_argument("--rate", type=float, default=200.0, help="open-loop rate of the overhead runs")
     p.add_argument("--requests", type=int, default=800, help="measured requests per overhead run")
     p.add_argument("--repeats", type=int, default=8, help="direct / front-end pairs of overhead runs")
+    p.add_argument(
+        "--v2-server", metavar="URL#MODEL@FILE.onnx",
+        help="also measure the overhead in front of this running V2 server (Triton, KServe, MLServer) "
+             "serving the exported s-CNN FILE.onnx in its own tensors, beside the own worker's",
+    )  # fmt: skip
     p.add_argument("--sustained-rate", type=float, default=500.0)
     p.add_argument("--sustained-requests", type=int, default=5000)
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
     args = p.parse_args(argv)
+    try:
+        server = _endpoint(args.v2_server) if args.v2_server else None
+    except ConfigError as exc:
+        p.error(f"--v2-server: {exc}")
     test = load_dataset("fashion-mnist", "test")
     images, labels = test.images, test.labels
-    print("measuring front-end overhead ...", file=sys.stderr, flush=True)
-    over = overhead(args.rate, args.requests, args.repeats, images, labels)
+    overheads = []
+    for where in [None, server] if server else [None]:
+        print(f"measuring front-end overhead ({where.arg if where else 'own worker'}) ...",
+              file=sys.stderr, flush=True)  # fmt: skip
+        overheads.append(overhead(args.rate, args.requests, args.repeats, images, labels, where))
     print("measuring sustained rate ...", file=sys.stderr, flush=True)
     sus = sustained(args.sustained_rate, args.sustained_requests, images, labels)
-    figs = figures(over, sus)
+    figs = figures(overheads, sus)
     report = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "command": "collage bench-serving " + " ".join(argv if argv is not None else sys.argv[1:]),
         "environment": environment(),
-        "overhead": over,
+        "overhead": overheads[0],
+        **({"overhead_v2_server": overheads[1]} if server else {}),
         "sustained": sus,
         "figures": [f.__dict__ for f in figs],
     }
@@ -151,14 +232,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(report, indent=2, default=float))
     else:
         print(f"{report['date']}  {report['environment']}")
-        print(f"direct worker   p50 {over['direct_p50_ms']:.2f} ms  p99 {over['direct_p99_ms']:.2f} ms")
-        print(f"via front end   p50 {over['frontend_p50_ms']:.2f} ms  p99 {over['frontend_p99_ms']:.2f} ms")
-        pairs = zip(over["pair_overheads_p50_ms"], over["pair_overheads_p99_ms"], strict=True)
-        print("pairs p50 / p99 " + ", ".join(f"{a:+.2f} / {b:+.2f}" for a, b in pairs) + " ms")
-        print(
-            f"overhead        p50 {over['overhead_p50_ms']:+.2f} ms, p99 {over['overhead_p99_ms']:+.2f} ms "
-            f"(median of the {over['repeats']} pairs)"
-        )
+        for over in overheads:
+            _print_overhead(over)
         print(
             f"sustained       {sus['achieved_rps']:.0f} req/s of {sus['offered_rps']:g} offered, "
             f"p50 {sus['p50_ms']:.2f} ms, p99 {sus['p99_ms']:.2f} ms, errors {sus['errors']}, "

@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from collage_inference.bench.loadgen import LoadConfig, arrival_offsets, parse_answer, render_payload
+from collage_inference.bench.loadgen import LoadConfig, arrival_offsets
+from collage_inference.bench.payload import TensorInput, parse_answer, render_payload
 from collage_inference.errors import ConfigError, ProtocolError
+from collage_inference.serving.runtime import prepare_images
 from collage_inference.serving.v2 import (
     HEADER_LENGTH,
     InferRequest,
@@ -148,3 +150,36 @@ def test_predict_answers() -> None:
     for bad in [b"not json", b"[1]", b'{"label": true}', b'{"label": "4"}', b"{}"]:
         with pytest.raises(ProtocolError):
             parse_answer(bad, {}, "predict")
+
+
+def test_tensor_payload_is_the_exported_models_own_input() -> None:
+    image = np.random.default_rng(2).integers(0, 256, (28, 28, 1), dtype=np.uint8)
+    config = LoadConfig(URL, 1.0, 1, target="tensor", tensor=TensorInput(side=24, channels=3))
+    body, headers = render_payload(image, config)
+    (tensor,) = parse_infer_request(body, headers.get(HEADER_LENGTH)).inputs
+    assert (tensor.name, tensor.datatype, tensor.shape) == ("input", "FP32", (1, 3, 24, 24))
+    np.testing.assert_array_equal(tensor.data, prepare_images(image[None], 24, 3))
+    assert tensor.data.min() >= 0.0 and tensor.data.max() <= 1.0
+
+
+def test_tensor_answers_are_the_argmax_of_the_scores() -> None:
+    logits = np.array([[0.1, -2.0, 3.5, 0.0]], np.float32)
+    body, headers = _v2_answer((InferTensor.of("logits", logits),), True)
+    assert parse_answer(body, headers, "tensor").label == 2
+    body, headers = _v2_answer((InferTensor.of("scores", logits),), False)
+    assert parse_answer(body, headers, "tensor", scores="scores").label == 2
+    for bad in (np.zeros((2, 4), np.float32), np.zeros((1, 4), np.int64), np.zeros((1, 0), np.float32)):
+        with pytest.raises(ProtocolError):
+            parse_answer(*_v2_answer((InferTensor.of("logits", bad),), True), "tensor")
+    with pytest.raises(ProtocolError):  # no logits at all
+        parse_answer(*_v2_answer((InferTensor.of("label", np.array([1], np.int64)),), True), "tensor")
+
+
+def test_the_tensor_target_needs_the_models_input(models_dir) -> None:
+    with pytest.raises(ConfigError, match="--model-file"):
+        LoadConfig(URL, 1.0, 1, target="tensor")
+    with pytest.raises(ConfigError, match="--model-file"):
+        LoadConfig(URL, 1.0, 1, tensor=TensorInput(28, 1))
+    assert TensorInput.of_file(models_dir / "collage-3x3.onnx") == TensorInput(side=72, channels=1)
+    with pytest.raises(ConfigError, match="--model-file"):
+        TensorInput.of_file(models_dir / "MODEL_CARD.md")

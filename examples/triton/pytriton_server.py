@@ -1,12 +1,16 @@
 """Serve exported ONNX files from a real Triton Inference Server (the one `nvidia-pytriton`
 bundles), in their own tensors: FP32 `input` (N, C, H, W) in, `logits` out.
 
-    .venv-triton/bin/python triton_server.py PORT NAME=FILE.onnx [NAME=FILE.onnx ...] [--slow NAME:P:SECONDS]
+    .venv-triton/bin/python examples/triton/pytriton_server.py PORT NAME=FILE.onnx [NAME=FILE.onnx ...]
+        [--slow NAME:P:SECONDS]
 
 Run with the interpreter of `.venv-triton` (`make setup` builds it) and LD_LIBRARY_PATH holding
 that interpreter's LIBDIR (the Python backend links libpython). ``--slow NAME:P:SECONDS`` makes a
 call to model NAME straggle with probability P for SECONDS (seeded), as a slow instance would.
-Prints ``ready on http://127.0.0.1:PORT`` once the models are loaded.
+Triton takes PORT (HTTP), PORT + 1 (gRPC) and PORT + 2 (metrics). Prints ``ready on
+http://127.0.0.1:PORT`` once the models are loaded. Without Docker or a Triton build this is
+the quickest way to a real Triton; `scripts/bench-triton.sh` and the tests in front of Triton
+start it this way.
 """
 
 import random
