@@ -27,6 +27,9 @@ from pathlib import Path
 from collage_inference import __version__
 from collage_inference.config import DEFAULT_MODELS_DIR, REPO_ROOT
 from collage_inference.errors import CollageError, ConfigError
+from collage_inference.modelspec import ModelConfig
+
+DEFAULT_WIDTH = 32  # channels of an s-CNN's first stage
 
 # Subcommands that are whole programs with their own flags; only their module is imported.
 SERVICE_COMMANDS = {
@@ -62,8 +65,35 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from collage_inference.training.export import export_onnx
-    from collage_inference.training.presets import PRESETS, preset
-    from collage_inference.training.train import TrainConfig, train
+    from collage_inference.training.parity import ParityConfig, train_parity
+    from collage_inference.training.train import train
+
+    start = time.perf_counter()
+    configs = _train_configs(args)
+    for cfg in configs:
+        result = train_parity(cfg) if isinstance(cfg, ParityConfig) else train(cfg)
+        report = export_onnx(*_load(result.path), result.path.with_suffix(".onnx"))
+        m, kind = result.meta.metrics, result.meta.kind
+        score = (
+            f"val degraded-mode accuracy {m['val_degraded_accuracy']:.4f}, reconstruction "
+            f"{m['val_reconstruction']:.4f}" if kind == "parity" else f"val accuracy {m['val_accuracy']:.4f}"
+        )  # fmt: skip
+        unit = {"collage": "collages", "parity": "parity queries"}.get(kind, "images")
+        print(
+            f"{result.meta.name}: {score}, {m['gflops'] * 1e3:.1f} MFLOPs, {m['params']:,} params, "
+            f"trained in {result.seconds / 60:.1f} min at {m['inputs_per_second']:.0f} {unit}/s -> "
+            f"{result.path} (+ .onnx, max |logit diff| {report.max_abs_diff:.1e})"
+        )
+    if len(configs) > 1:
+        print(f"trained {len(configs)} models in {(time.perf_counter() - start) / 60:.1f} min")
+    return 0
+
+
+def _train_configs(args: argparse.Namespace) -> list:
+    """What `collage train` was asked to train: presets, or one model described by flags."""
+    from collage_inference.training.parity import ParityConfig
+    from collage_inference.training.presets import preset, preset_names
+    from collage_inference.training.train import TrainConfig
 
     overrides = {
         k: v
@@ -78,36 +108,22 @@ def cmd_train(args: argparse.Namespace) -> int:
         if v is not None
     }
     if args.preset:
-        names = list(PRESETS) if args.preset == "all" else [args.preset]
-        configs = [preset(n, args.models_dir, **overrides) for n in names]
-    else:
-        if args.out is None:
-            raise ConfigError("give --out PATH.pt for the checkpoint (or use --preset)")
-        model = _model_config_from_args(args)
-        extra = {
-            "dataset": args.dataset,
-            "data_dir": args.data_dir,
-            "batch_size": args.batch_size,
-            "lr": args.lr,
-        }
-        configs = [
-            TrainConfig(
-                model=model, out=args.out, **{k: v for k, v in extra.items() if v is not None}, **overrides
-            )
-        ]
-    start = time.perf_counter()
-    for cfg in configs:
-        result = train(cfg)
-        report = export_onnx(*_load(result.path), result.path.with_suffix(".onnx"))
-        m = result.meta.metrics
-        print(
-            f"{result.meta.name}: val accuracy {m['val_accuracy']:.4f}, {m['gflops'] * 1e3:.1f} MFLOPs, "
-            f"{m['params']:,} params, trained in {result.seconds:.0f}s -> {result.path} "
-            f"(+ .onnx, max |logit diff| {report.max_abs_diff:.1e})"
-        )
-    if len(configs) > 1:
-        print(f"trained {len(configs)} models in {(time.perf_counter() - start) / 60:.1f} min")
-    return 0
+        return [preset(n, args.models_dir, **overrides) for n in preset_names(args.preset)]
+    if args.out is None:
+        raise ConfigError("give --out PATH.pt for the checkpoint (or use --preset)")
+    extra = {"dataset": args.dataset, "data_dir": args.data_dir, "batch_size": args.batch_size, "lr": args.lr}
+    extra = {k: v for k, v in extra.items() if v is not None}
+    if args.kind == "parity":
+        if args.scnn is None or overrides.pop("resume", False):
+            raise ConfigError("--kind parity needs --scnn PATH.pt (the s-CNN it backs) and takes no --resume")
+        return [ParityConfig(args.scnn, args.k, args.encoder, args.out, **extra, **overrides)]
+    model, sizing = _model_config_from_args(args)
+    if sizing:
+        print(f"{args.out.stem}: {sizing}", file=sys.stderr)
+    distill = {"teacher": args.scnn, "distill": args.distill} if args.distill else {}
+    if args.temperature is not None:
+        distill["temperature"] = args.temperature
+    return [TrainConfig(model=model, out=args.out, sizing=sizing, **extra, **distill, **overrides)]
 
 
 def _load(path: Path):
@@ -116,45 +132,41 @@ def _load(path: Path):
     return load_checkpoint(path)
 
 
-def _model_config_from_args(args: argparse.Namespace):
+def _model_config_from_args(args: argparse.Namespace) -> tuple[ModelConfig, str]:
+    """The architecture the flags describe, and how its size was chosen."""
     from collage_inference.data import load_dataset
-    from collage_inference.modelspec import ModelConfig
     from collage_inference.training.models import resnet_config
+    from collage_inference.training.sizing import Sizing, fit_to_budget, flops
 
     probe = load_dataset(args.dataset, "test", args.data_dir, args.image_size)
     size = args.image_size or probe.image_size
-    w, d = args.width, args.depth
+    d, norm = args.depth, {"mean": (0.5,) * probe.channels, "std": (0.25,) * probe.channels}
     if args.kind == "scnn":
+        if args.scnn or args.distill:
+            raise ConfigError("--scnn and --distill size and teach collage models; drop them for --kind scnn")
         if args.arch in ("resnet18", "resnet34"):
-            return resnet_config(int(args.arch[6:]), probe.num_classes, probe.channels, size)
-        return ModelConfig(
-            "scnn",
-            probe.num_classes,
-            probe.channels,
-            size,
-            stem_width=w,
-            widths=(w, 2 * w, 4 * w),
-            blocks=(d, d, d),
-            mean=(0.5,) * probe.channels,
-            std=(0.25,) * probe.channels,
-        )
+            return resnet_config(int(args.arch[6:]), probe.num_classes, probe.channels, size), ""
+        w = args.width or DEFAULT_WIDTH
+        scnn = ModelConfig("scnn", probe.num_classes, probe.channels, size, stem_width=w,
+                           widths=(w, 2 * w, 4 * w), blocks=(d, d, d), **norm)  # fmt: skip
+        return scnn, ""
     tile = args.tile_size or size
     strides = (2, 2, 2) if tile % 8 == 0 else (2, 2, 1) if tile % 4 == 0 else None
     if strides is None:
         raise ConfigError(f"--tile-size {tile} must be a multiple of 4")
-    return ModelConfig(
-        "collage",
-        probe.num_classes,
-        probe.channels,
-        tile,
-        args.grid,
-        stem_width=max(w // 2, 8),
-        widths=(w, 2 * w, 4 * w),
-        blocks=(1, d, d),
-        strides=strides,
-        mean=(0.5,) * probe.channels,
-        std=(0.25,) * probe.channels,
-    )
+    w = args.width or DEFAULT_WIDTH
+    collage = ModelConfig("collage", probe.num_classes, probe.channels, tile, args.grid,
+                          stem_width=max(w // 2, 8), widths=(w, 2 * w, 4 * w), blocks=(1, d, d),
+                          strides=strides, **norm)  # fmt: skip
+    if args.scnn:  # the s-CNN this model backs up sets the budget
+        budget = flops(_load(args.scnn)[1].config)
+    else:  # the s-CNN `collage train --kind scnn` builds for the same data
+        budget = flops(ModelConfig("scnn", probe.num_classes, probe.channels, size, **norm))
+    if args.width:
+        sizing = Sizing(collage, flops(collage), budget, f"given by hand (--width {args.width})")
+    else:
+        sizing = fit_to_budget(collage, budget)
+    return sizing.config, sizing.describe()
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -165,7 +177,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         evaluate_model,
         machine_summary,
         render_table,
-        scnn_predictions,
+        scnn_logits,
         write_model_card,
     )
 
@@ -176,11 +188,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     scnn = next((p for p in paths if ModelMeta.from_dict(read_checkpoint(p)["meta"]).kind == "scnn"), None)
     shipped = args.models_dir / "scnn.pt"
     scnn = scnn or (shipped if shipped.is_file() else None)
-    scnn_labels = scnn_predictions(scnn, test) if scnn is not None else None
+    outputs = scnn_logits(scnn, test) if scnn is not None else None
+    scnn_labels = outputs.argmax(-1) if outputs is not None else None
     reports = []
     for path in paths:
         print(f"evaluating {path.name} ...", file=sys.stderr, flush=True)
-        reports.append(evaluate_model(path, test, args.threads, args.latency_runs, scnn_labels))
+        reports.append(evaluate_model(path, test, args.threads, args.latency_runs, scnn_labels, outputs))
     result = {
         "dataset": test.name,
         "split": "test",
@@ -227,20 +240,42 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("train", help="train a model (or the shipped ones with --preset all)")
-    p.add_argument("--preset", help="a shipped recipe: scnn, collage-2x2, collage-3x3, collage-4x4, or all")
+    p.add_argument(
+        "--preset",
+        help="a shipped recipe (scnn, collage-2x2, collage-3x3, collage-4x4, parm-k2-concat, ...), "
+        "all (the s-CNN and the collage models) or parm (the ParM parity models)",
+    )
     p.add_argument("--models-dir", type=Path, default=DEFAULT_MODELS_DIR, help="where presets write")
-    p.add_argument("--kind", choices=("scnn", "collage"), default="scnn")
+    p.add_argument("--kind", choices=("scnn", "collage", "parity"), default="scnn",
+                   help="parity: a ParM parity model for --scnn (see --k and --encoder)")  # fmt: skip
+    p.add_argument("--k", type=int, default=2, help="parity: images per parity query (2 or 4 for concat)")
+    p.add_argument("--encoder", choices=("concat", "sum"), default="concat", help="parity: ParM's encoder")
     p.add_argument("--arch", choices=("small", "resnet18", "resnet34"), default="small", help="s-CNN shape")
     p.add_argument("--grid", type=int, default=3, help="collage side S (k = S*S cells)")
     p.add_argument("--tile-size", type=int, help="collage tile side in pixels (default: image size)")
     p.add_argument("--image-size", type=int, help="resize images to this side (imagefolder)")
-    p.add_argument("--width", type=int, default=32, help="channels of the first stage")
+    p.add_argument(
+        "--width", type=int,
+        help=f"channels of the first stage (s-CNN default {DEFAULT_WIDTH}; a collage model's default "
+             "follows from its budget: one s-CNN pass of FLOPs per collage)",
+    )  # fmt: skip
+    p.add_argument(
+        "--scnn", type=Path, metavar="PATH.pt",
+        help="collage: the s-CNN it backs up (its FLOPs set the budget; --distill learns its soft labels)",
+    )  # fmt: skip
+    p.add_argument(
+        "--distill", type=float, metavar="WEIGHT",
+        help="collage: weight in [0, 1] of the --scnn model's soft labels in the loss (e.g. 0.5)",
+    )  # fmt: skip
+    p.add_argument("--temperature", type=float, help="distillation temperature (default 2)")
     p.add_argument("--depth", type=int, default=1, help="blocks per stage")
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--seed", type=int)
-    p.add_argument("--train-limit", type=int, help="use only the first N training images")
+    p.add_argument(
+        "--train-limit", type=int, help="use N training images (a seeded sample, stratified by class)"
+    )
     p.add_argument("--val-size", type=int, help="held-out training images (default: min(5000, 10%%))")
     p.add_argument("--resume", action="store_true", default=None, help="continue from OUT.resume.pt")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

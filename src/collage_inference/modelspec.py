@@ -12,17 +12,18 @@ from typing import Any
 from collage_inference import __version__
 from collage_inference.errors import ConfigError
 
-KINDS = ("scnn", "collage")
+KINDS = ("scnn", "collage", "parity")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     """Everything needed to rebuild a model's architecture.
 
-    kind: ``scnn`` or ``collage``. image_size is the s-CNN input side, or the collage *tile*
-    side (the collage is grid * tile_size pixels wide). widths/blocks/strides describe the
-    stages; stem ``small`` is a 3x3 conv for small images, ``imagenet`` the 7x7/2 conv and
-    max-pool of ResNet-18/34.
+    kind: ``scnn``, ``collage`` or ``parity`` (a ParM parity model: the s-CNN's architecture
+    answering one parity query of ``parity_k`` images coded by ``encoder``). image_size is the
+    s-CNN input side, or the collage *tile* side (the collage is grid * tile_size pixels wide).
+    widths/blocks/strides describe the stages; stem ``small`` is a 3x3 conv for small images,
+    ``imagenet`` the 7x7/2 conv and max-pool of ResNet-18/34.
     """
 
     kind: str
@@ -38,14 +39,26 @@ class ModelConfig:
     dropout: float = 0.0
     mean: tuple[float, ...] = (0.5,)
     std: tuple[float, ...] = (0.25,)
+    parity_k: int = 0  # parity models: images per parity query
+    encoder: str = ""  # parity models: ``concat`` or ``sum`` (see collage_inference.parm)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ConfigError(f"model kind must be one of {KINDS}, got {self.kind!r}")
         if not (len(self.widths) == len(self.blocks) == len(self.strides)) or not self.widths:
             raise ConfigError("widths, blocks and strides need one entry per stage")
-        if self.kind == "scnn" and self.grid != 1:
-            raise ConfigError("an s-CNN has grid 1")
+        if self.kind != "collage" and self.grid != 1:
+            raise ConfigError(f"a {self.kind} model has grid 1")
+        if self.kind == "parity":
+            from collage_inference.errors import GeometryError
+            from collage_inference.parm import check_code
+
+            try:
+                check_code(self.parity_k, self.encoder)
+            except GeometryError as exc:
+                raise ConfigError(str(exc)) from None
+        elif self.parity_k or self.encoder:
+            raise ConfigError("parity_k and encoder describe parity models only")
         if self.kind == "collage" and not 1 <= self.grid <= 8:
             raise ConfigError(f"collage grid must be between 1 and 8, got {self.grid}")
         if len(self.mean) != self.in_channels or len(self.std) != self.in_channels:
@@ -85,6 +98,7 @@ class ModelMeta:
     dataset: dict[str, str] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
     code_version: str = __version__
+    sizing: str = ""  # how the architecture's size was chosen (a collage model's FLOPs budget)
 
     @property
     def kind(self) -> str:

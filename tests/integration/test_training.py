@@ -1,15 +1,17 @@
 """A short real training run on a Fashion-MNIST subset must clearly beat chance (10%)."""
 
 import dataclasses
+import json
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
+from collage_inference.errors import ConfigError
 from collage_inference.onnxfile import read_onnx_meta
 from collage_inference.training.checkpoint import load_checkpoint
-from collage_inference.training.evaluate import evaluate_model
+from collage_inference.training.evaluate import evaluate_model, scnn_logits, scnn_predictions
 
 pytestmark = pytest.mark.slow
 
@@ -65,6 +67,22 @@ def test_short_collage_run_beats_chance(tmp_path, fashion_test):
     assert report.accuracy > 0.4 and report.empty_detection > 0.5
 
 
+def test_a_collage_model_is_sized_to_its_scnn_and_learns_its_soft_labels(tmp_path, models_dir, fashion_test):
+    scnn = models_dir / "scnn.pt"
+    out = _train(tmp_path, "--kind", "collage", "--grid", "2", "--tile-size", "16", "--scnn", str(scnn),
+                 "--distill", "0.5", "--epochs", "2", "--batch-size", "32")  # fmt: skip
+    _, meta = load_checkpoint(out)
+    _, teacher = load_checkpoint(scnn)
+    ratio = meta.metrics["gflops"] / teacher.metrics["gflops"]
+    assert 0.85 <= ratio <= 1.0 and f"{ratio:.2f}x the s-CNN's FLOPs" in meta.sizing
+    cmd = [sys.executable, "-m", "collage_inference.cli", "info", str(out.with_suffix(".onnx"))]
+    info = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=True)
+    assert json.loads(info.stdout)["sizing"] == meta.sizing
+    test = fashion_test.subset(np.arange(1000))
+    report = evaluate_model(out, test, latency_runs=5, scnn_labels=scnn_predictions(scnn, test))
+    assert report.accuracy > 0.4 and report.agreement is not None and report.agreement > 0.4
+
+
 def test_bad_flags_give_a_clear_error(tmp_path):
     cmd = [
         sys.executable,
@@ -105,3 +123,20 @@ def test_an_interrupted_run_resumes_where_it_stopped(tmp_path, monkeypatch):
     result = train_module.train(dataclasses.replace(cfg, resume=True))
     assert [h["epoch"] for h in result.history] == [1, 2]
     assert not (tmp_path / "m.resume.pt").exists() and result.path.exists()
+
+
+def test_a_parity_model_learns_the_sum_of_the_scnn_outputs(tmp_path, models_dir, fashion_test):
+    """A short ParM run: its degraded-mode decode beats chance, and `collage eval` scores it."""
+    scnn = models_dir / "scnn.pt"
+    out = _train(tmp_path, "--kind", "parity", "--k", "2", "--encoder", "concat", "--scnn", str(scnn),
+                 "--epochs", "2")  # fmt: skip
+    _, meta = load_checkpoint(out)
+    assert (meta.kind, meta.config.parity_k, meta.config.encoder) == ("parity", 2, "concat")
+    assert meta.metrics["val_reconstruction"] > 0.3 and read_onnx_meta(out.with_suffix(".onnx")) == meta
+    test = fashion_test.subset(np.arange(1000))
+    outputs = scnn_logits(scnn, test)
+    report = evaluate_model(out, test, latency_runs=5, scnn_outputs=outputs)
+    assert report.kind == "parity" and report.grid == 2
+    assert 0.3 < report.accuracy < 0.95 and report.agreement > 0.3
+    with pytest.raises(ConfigError, match="s-CNN"):
+        evaluate_model(out, test, latency_runs=5)

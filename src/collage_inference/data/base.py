@@ -71,3 +71,19 @@ class ImageDataset:
         return ImageDataset(
             self.name, self.split, self.images[indices], self.labels[indices], self.class_names, self.source
         )
+
+    def stratified(self, count: int, seed: int) -> tuple[ImageDataset, ImageDataset]:
+        """(``count`` rows drawn at random within each class, the other rows), both in their
+        original order. Each class gets its share of ``count`` (largest remainders), so a
+        dataset stored class by class, as an image folder is, yields every class."""
+        if not 0 <= count <= len(self):
+            raise DataFormatError(f"{self.name}/{self.split}: cannot take {count} of {len(self)} images")
+        rng = np.random.default_rng(seed)
+        classes, sizes = np.unique(self.labels, return_counts=True)
+        exact = sizes * (count / len(self)) if len(self) else sizes * 0.0
+        take = np.floor(exact).astype(np.int64)
+        take[np.argsort(take - exact, kind="stable")[: count - int(take.sum())]] += 1
+        chosen = np.zeros(len(self), bool)
+        for label, n in zip(classes, take, strict=True):
+            chosen[rng.choice(np.flatnonzero(self.labels == label), n, replace=False)] = True
+        return self.subset(np.flatnonzero(chosen)), self.subset(np.flatnonzero(~chosen))

@@ -6,6 +6,15 @@ same over collages with 1..k-1 images; ``empty_detection`` is the share of empty
 model calls empty. Latency is batch-1, median of timed runs after a warm-up, for PyTorch eager
 and ONNX Runtime with the same thread count.
 
+Parity models (ParM, :mod:`collage_inference.parm`): top-1 is ParM's degraded-mode accuracy,
+the label decoded by subtraction for each image of each test group of k taken in turn as the
+missing one, against the true label; agreement is the same decode against the s-CNN's label
+(ParM's "reconstruction" accuracy).
+
+Agreement: the share of a collage model's cells (full collages) whose label is the one the s-CNN
+gives the same image. The collage answers for the s-CNN when it straggles, so agreeing with it is
+what keeps the answers the same whoever gave them.
+
 Sure cells: the share of a collage model's cells (full collages) whose top probability reaches
 ``SURE`` (the front end's ``confident_at``), their accuracy, and the s-CNN's accuracy on the very
 same images. The front end's ``confident`` policy answers such a cell at once instead of waiting
@@ -36,7 +45,7 @@ from collage_inference.onnxfile import onnx_session
 from collage_inference.training.checkpoint import load_checkpoint
 from collage_inference.training.models import model_cost
 from collage_inference.training.synthesis import EMPTY_SOURCE, CollageSynthesizer
-from collage_inference.training.train import to_tensor
+from collage_inference.training.train import logits_of, to_tensor
 
 EVAL_SEED = 2020
 SURE = 0.9  # the confidence at which the front end answers from a collage cell at once
@@ -59,6 +68,7 @@ class ModelReport:
     sure_share: float | None = None  # collage: cells with confidence >= SURE
     sure_accuracy: float | None = None  # collage: their accuracy
     scnn_sure_accuracy: float | None = None  # the s-CNN's accuracy on the same images
+    agreement: float | None = None  # collage: share of cells labelled as the s-CNN labels the image
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -87,6 +97,7 @@ class _CollageScores:
     accuracy: float  # over real cells
     detection: float | None  # share of empty cells predicted empty
     sure: tuple[float, float, float | None] | None  # (share, accuracy, s-CNN accuracy) at >= SURE
+    agreement: float | None  # share of real cells whose label is the s-CNN's for that image
 
 
 def _collage_scores(
@@ -105,13 +116,15 @@ def _collage_scores(
     empty = ~real
     detection = float((pred[empty] == meta.config.num_classes).mean()) if empty.any() else None
     sure_cells = real & (confidence >= SURE)
-    sure = None
+    sure = agreement = None
+    if scnn_labels is not None:
+        agreement = float((pred[real] == scnn_labels[batch.sources[real]]).mean())
     if sure_cells.any():
         scnn = None
         if scnn_labels is not None:
             scnn = float((scnn_labels[batch.sources[sure_cells]] == batch.labels[sure_cells]).mean())
         sure = (float(sure_cells.sum() / real.sum()), float(right[sure_cells].mean()), scnn)
-    return _CollageScores(float(right[real].mean()), detection, sure)
+    return _CollageScores(float(right[real].mean()), detection, sure, agreement)
 
 
 def _median_ms(fn, runs: int, warmup: int = 10) -> float:
@@ -143,10 +156,29 @@ def measure_latency(model: nn.Module, meta: ModelMeta, onnx_path: Path | None, t
     return torch_ms, onnx_ms
 
 
+def scnn_logits(checkpoint: Path, test: ImageDataset) -> np.ndarray:
+    """An s-CNN's logits for every image of ``test``, (N, classes)."""
+    model, meta = load_checkpoint(checkpoint)
+    return logits_of(model, fit_images(test.images, meta.config.image_size, meta.config.in_channels))
+
+
 def scnn_predictions(checkpoint: Path, test: ImageDataset) -> np.ndarray:
     """An s-CNN's label for every image of ``test``, (N,)."""
-    model, meta = load_checkpoint(checkpoint)
-    return predict(model, fit_images(test.images, meta.config.image_size, meta.config.in_channels))
+    return scnn_logits(checkpoint, test).argmax(-1)
+
+
+def _degraded(model: nn.Module, meta: ModelMeta, test: ImageDataset, logits: np.ndarray | None):
+    """A parity model's degraded-mode scores on the test split (every image in one group)."""
+    from collage_inference.training.parity import ParityQueries, degraded_scores, fixed_groups
+
+    if logits is None:
+        raise ConfigError(f"{meta.name} is a parity model: evaluate it with its s-CNN (name scnn.pt too)")
+    cfg = meta.config
+    queries = ParityQueries(
+        fit_images(test.images, cfg.image_size, cfg.in_channels), cfg.parity_k, cfg.encoder
+    )
+    groups = fixed_groups(len(test), cfg.parity_k, EVAL_SEED)
+    return degraded_scores(model, queries, logits, test.labels, groups)
 
 
 def evaluate_model(
@@ -155,19 +187,24 @@ def evaluate_model(
     threads: int = 1,
     latency_runs: int = 200,
     scnn_labels: np.ndarray | None = None,
+    scnn_outputs: np.ndarray | None = None,
 ) -> ModelReport:
     """Evaluate one checkpoint (and the ``.onnx`` beside it, if any) on a test split.
-    ``scnn_labels``: an s-CNN's labels for the same split, to compare a collage model's sure
-    cells with (see the module docstring)."""
+    ``scnn_labels``: an s-CNN's labels for the same split, to compare a collage model's cells
+    with (see the module docstring); ``scnn_outputs``: its logits, which a parity model decodes
+    with (its accuracy is ParM's degraded-mode accuracy, its agreement the reconstruction)."""
     model, meta = load_checkpoint(checkpoint)
     cfg = meta.config
     images = fit_images(test.images, cfg.image_size, cfg.in_channels)
-    partial = detection = sure = None
-    if meta.kind == "scnn":
+    partial = detection = sure = agreement = None
+    if meta.kind == "parity":
+        degraded = _degraded(model, meta, test, scnn_outputs)
+        accuracy, agreement = degraded.accuracy, degraded.reconstruction
+    elif meta.kind == "scnn":
         accuracy = float((predict(model, images) == test.labels).mean())
     else:
         full = _collage_scores(model, meta, images, test.labels, False, scnn_labels)
-        accuracy, sure = full.accuracy, full.sure
+        accuracy, sure, agreement = full.accuracy, full.sure, full.agreement
         scores = _collage_scores(model, meta, images, test.labels, partial=True)
         partial, detection = scores.accuracy, scores.detection
     cost = model_cost(model, cfg)
@@ -175,7 +212,7 @@ def evaluate_model(
     return ModelReport(
         meta.name,
         meta.kind,
-        meta.grid,
+        cfg.parity_k if meta.kind == "parity" else meta.grid,
         accuracy,
         partial,
         detection,
@@ -184,6 +221,7 @@ def evaluate_model(
         torch_ms,
         onnx_ms,
         *(sure or (None, None, None)),
+        agreement,
     )
 
 
@@ -197,21 +235,26 @@ def _sure(r: ModelReport) -> str:
     return ", ".join(_pct(v) for v in (r.sure_share, r.sure_accuracy, r.scnn_sure_accuracy) if v is not None)
 
 
+def _shape(r: ModelReport) -> str:
+    return f"k={r.grid}" if r.kind == "parity" else f"{r.grid}x{r.grid}"
+
+
 def render_table(reports: list[ModelReport]) -> str:
     """The results table as markdown (the MODEL_CARD and README show this exact table)."""
     scnn = next((r for r in reports if r.kind == "scnn"), None)
     head = (
-        "| model | kind | grid | top-1 | partial collages | empty detected "
+        "| model | kind | grid or group | top-1 | agrees with s-CNN | partial collages | empty detected "
         f"| cells at confidence >= {SURE:g}: share, top-1, s-CNN on them "
         "| MFLOPs | x s-CNN FLOPs | params | PyTorch ms | ONNX Runtime ms |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|---|"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
     )
     rows = []
     for r in reports:
         ratio = f"{r.gflops / scnn.gflops:.2f}" if scnn else ""
         onnx = f"{r.latency_ms_onnx:.3f}" if r.latency_ms_onnx is not None else ""
         rows.append(
-            f"| {r.name} | {r.kind} | {r.grid}x{r.grid} | {_pct(r.accuracy)} | {_pct(r.accuracy_partial)} "
+            f"| {r.name} | {r.kind} | {_shape(r)} | {_pct(r.accuracy)} | {_pct(r.agreement)} "
+            f"| {_pct(r.accuracy_partial)} "
             f"| {_pct(r.empty_detection)} | {_sure(r)} | {1000 * r.gflops:.1f} | {ratio} | {r.params:,} "
             f"| {r.latency_ms_torch:.3f} | {onnx} |"
         )

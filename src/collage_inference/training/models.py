@@ -112,7 +112,8 @@ class Normalize(nn.Module):
 
 
 class SingleImageCNN(nn.Module):
-    """s-CNN: residual CNN, (B, C, H, W) pixels in [0, 1] -> (B, num_classes) logits."""
+    """s-CNN: residual CNN, (B, C, H, W) pixels in [0, 1] -> (B, num_classes) logits. A ParM
+    parity model has the same architecture (and outputs a sum of logits)."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -161,7 +162,7 @@ class CollageCNN(nn.Module):
 
 def build_model(config: ModelConfig) -> nn.Module:
     """The model a config describes, with fresh weights."""
-    return SingleImageCNN(config) if config.kind == "scnn" else CollageCNN(config)
+    return CollageCNN(config) if config.kind == "collage" else SingleImageCNN(config)
 
 
 @dataclass(frozen=True)

@@ -60,12 +60,14 @@ def test_bad_configs_are_rejected():
 
 
 @pytest.mark.parametrize("name", [n for n in PRESETS if n != "scnn"])
-def test_shipped_collage_models_cost_at_most_one_scnn_pass(name):
+def test_shipped_collage_models_cost_about_one_scnn_pass(name):
+    from collage_inference.training.sizing import HIGH, LOW
+
     scnn_cfg = PRESETS["scnn"][0]
     scnn = model_cost(build_model(scnn_cfg), scnn_cfg)
     cfg = PRESETS[name][0]
     collage = model_cost(build_model(cfg), cfg)
-    assert collage.flops <= scnn.flops, f"{name}: {collage.flops} > {scnn.flops}"
+    assert LOW <= collage.flops / scnn.flops <= HIGH, f"{name}: {collage.flops / scnn.flops:.2f}x"
 
 
 def test_flop_count_matches_hand_count():
