@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup data tools triton demo test test-fast bench-triton models lint clean
+.PHONY: setup data tools triton demo test test-fast bench-triton models parm-models lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,10 @@ bench-triton: setup
 # Retrain every shipped model from scratch and re-export ONNX (about 80 minutes on 2 cores).
 models: setup
 	$(BIN)/collage train --preset all
+
+# ParM's parity models for the shipped s-CNN (k = 2 and 4, concatenation and sum encoders).
+parm-models: setup
+	$(BIN)/collage train --preset parm
 
 lint: setup
 	$(BIN)/ruff check src tests

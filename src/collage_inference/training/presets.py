@@ -50,7 +50,7 @@ PRESETS: dict[str, tuple[ModelConfig, dict]] = {
 # ParM's parity models for the shipped s-CNN (collage_inference.training.parity): k = 2 and 4,
 # both of ParM's image encoders.
 PARITY_PRESETS: dict[str, dict] = {
-    f"parm-k{k}-{encoder}": {"k": k, "encoder": encoder, "epochs": 30}
+    f"parm-k{k}-{encoder}": {"k": k, "encoder": encoder, "epochs": 20}
     for encoder in ENCODERS
     for k in CONCAT_KS
 }
