@@ -1,6 +1,7 @@
 """A real Prometheus scrapes a running cluster: the shipped scrape config (examples/prometheus.yml)
-pointed at a local cluster under load, checked through Prometheus' own HTTP API; and
-`promtool check metrics` passes on the front end's and a worker's /metrics."""
+pointed at a local cluster under load, checked through Prometheus' own HTTP API, which also runs
+every query of the shipped Grafana dashboard (examples/grafana/); and `promtool check metrics`
+passes on the front end's and a worker's /metrics."""
 
 from __future__ import annotations
 
@@ -47,6 +48,18 @@ def query(api: str, expression: str) -> float | None:
     doc = json.loads(get(f"{api}/api/v1/query?query={urllib.parse.quote(expression)}"))
     result = doc["data"]["result"]
     return float(result[0]["value"][1]) if len(result) == 1 else None
+
+
+DASHBOARD = EXAMPLE.parent / "grafana" / "collage-dashboard.json"
+# Panels of what this run has none of (failures, stragglers), which Prometheus may answer empty.
+QUIET_PANELS = {"Inference Request Failure", "Stragglers and re-issues"}
+
+
+def dashboard_queries() -> list[tuple[str, str]]:
+    """(panel title, PromQL) for every target of the shipped Grafana dashboard, with Grafana's
+    rate interval filled in for this test's 1 s scrapes."""
+    panels = json.loads(DASHBOARD.read_text())["panels"]
+    return [(p["title"], t["expr"].replace("$__rate_interval", "15s")) for p in panels for t in p["targets"]]
 
 
 def test_a_real_prometheus_scrapes_the_cluster_under_load(
@@ -109,6 +122,11 @@ def test_a_real_prometheus_scrapes_the_cluster_under_load(
             assert seen["frontend up"] == 1 and seen["worker up"] == 1, (seen, targets)
             assert seen["answered"] == sent and seen["histogram count"] == sent, (sent, seen)
             assert seen["p50"] is not None and 0 < seen["p50"] < 1.0, seen
+            for title, expression in dashboard_queries():  # every panel of the Grafana dashboard
+                doc = json.loads(get(f"{api}/api/v1/query?query={urllib.parse.quote(expression)}"))
+                assert doc["status"] == "success", (title, expression, doc)
+                if title not in QUIET_PANELS:
+                    assert doc["data"]["result"], (title, expression)
         finally:
             prometheus.terminate()
             prometheus.wait(timeout=15)

@@ -91,3 +91,27 @@ def test_promtool_refuses_what_the_old_renderer_wrote():
         [PROMTOOL, "check", "metrics"], input=broken.encode(), capture_output=True, timeout=30
     )
     assert done.returncode != 0
+
+
+def test_the_grafana_dashboard_reads_series_the_front_end_writes():
+    """Every series a panel of examples/grafana/ queries is one the front end's /metrics holds."""
+    import json
+    import re
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[3] / "examples" / "grafana" / "collage-dashboard.json"
+    dashboard = json.loads(path.read_text())
+    metrics = Metrics("fashion")
+    metrics.observe_answer(Answer("r0", 3, "3", 0.9, Source.PRIMARY, 0.004, "c0", {"compute": 0.001}))
+    metrics.observe_failure(504)  # families with a sample per status or source need one to be written
+    metrics.late_replies["primary"] += 1
+    metrics.group_sizes[4] += 1
+    text = Exposition(lambda: metrics.families([("w0", "http://a", 1, 0, 1)], in_flight=0)).render().decode()
+    written = {name for name, _ in parse_metrics(text)}
+    panels = dashboard["panels"]
+    assert len({p["id"] for p in panels}) == len(panels) and dashboard["uid"]
+    for panel in panels:
+        assert panel["datasource"]["uid"] == "${DS_PROMETHEUS}" and panel["targets"], panel["title"]
+        for target in panel["targets"]:
+            series = set(re.findall(r"\b(?:nv|collage)_[a-z_]+\b", target["expr"]))
+            assert series and series <= written, (panel["title"], series - written)
