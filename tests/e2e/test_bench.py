@@ -37,7 +37,7 @@ def test_under_bursts_collage_beats_none_and_the_report_is_whole(models_dir: Pat
     results = execute(config, tmp_path)
 
     files = {p.name for p in tmp_path.iterdir()}
-    assert files == {"results.json", "summary.md", "p99-vs-load.png", "std-vs-load.png"}
+    assert files == {"results.json", "summary.md", "summary.html", "p99-vs-load.png", "std-vs-load.png"}
     stored = json.loads((tmp_path / "results.json").read_text())
     [point] = stored["points"]
     assert point["pattern"] == "burst" and point["rate_rps"] == pytest.approx(0.3 * 9 / 0.0385, rel=0.05)

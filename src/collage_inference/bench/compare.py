@@ -10,7 +10,8 @@ at the same instant, as in the published experiments, the bursts Poisson; ``pois
 utilisation of the k s-CNN workers. At every point every mode runs on a fresh cluster with the
 same seeds (see :mod:`~collage_inference.bench.harness`), the equal-cost baselines tuned at that
 point; then :mod:`~collage_inference.bench.targets` judges the claims and
-:mod:`~collage_inference.bench.report` writes ``results.json``, ``summary.md`` and the plots.
+:mod:`~collage_inference.bench.report` writes ``results.json``, ``summary.md``, ``summary.html``
+and the plots.
 """
 
 from __future__ import annotations
@@ -380,7 +381,10 @@ def execute(config: BenchConfig, out_dir: Path) -> dict[str, Any]:
             f"\nnote: the machine was busy ({m['cpu_busy_before'] or 0:.0%} of the CPUs busy before the "
             f"runs, {m['cpu_busy_after'] or 0:.0%} after, without this benchmark): do not trust the latencies"
         )
-    print(f"\nreport: {out_dir / 'summary.md'} ({len(files)} files, {results['duration_s'] / 60:.1f} min)")
+    print(
+        f"\nreport: {out_dir / 'summary.md'}, as one page {out_dir / 'summary.html'} "
+        f"({len(files)} files, {results['duration_s'] / 60:.1f} min)"
+    )
     return results
 
 
@@ -397,7 +401,7 @@ def rerender(results_json: Path, out_dir: Path | None = None, readme: Path | Non
     if readme is not None:
         write_readme(results, out, readme)
     print(console_summary(results))
-    print(f"\nreport: {out / 'summary.md'}")
+    print(f"\nreport: {out / 'summary.md'}, as one page {out / 'summary.html'}")
     return results
 
 

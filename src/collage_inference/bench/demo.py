@@ -7,7 +7,7 @@ gets the same arrivals, images and straggler samples, and the table of p99 ratio
 against the targets. The stragglers come from the published cloud latency trace at its own
 time scale when ``../shared/traces/`` holds it, and from the bimodal model fitted to that trace
 otherwise, so the demo works on a fresh clone. The report folder (results.json, summary.md,
-plots) is the same as ``collage bench --quick`` writes; the last line says where it is.
+summary.html, plots) is the same as ``collage bench --quick`` writes; the last line says where it is.
 """
 
 from __future__ import annotations
@@ -46,5 +46,5 @@ def run_demo(out_dir: Path, models_dir: Path = DEFAULT_MODELS_DIR) -> int:
     except CollageError as exc:
         print(f"collage demo: error: {exc}", file=sys.stderr)
         return 2
-    print(f"the report is in {out_dir}")
+    print(f"the report is in {out_dir}; open {out_dir / 'summary.html'} in a browser")
     return 0

@@ -1,4 +1,4 @@
-"""The report of a `collage bench` run: ``summary.md``, ``results.json`` and the plots.
+"""The report of a `collage bench` run: ``summary.md``, ``summary.html``, ``results.json`` and the plots.
 
 Everything here is a pure function of the ``results`` dict, so a report can be re-rendered from
 an old run's file (or from a synthetic dict in a unit test) without running anything::
@@ -8,7 +8,9 @@ an old run's file (or from a synthetic dict in a unit test) without running anyt
 The report leads with the curves (p99 and std against load, one line per mode, one plot per
 arrival pattern) and the table of targets; a missed target is followed by the figures of the
 same run that bound it (:func:`collage_inference.bench.targets.explain`), never by canned prose.
-The plots use matplotlib's Agg backend (no display needed).
+The plots use matplotlib's Agg backend (no display needed). ``summary.html`` is the same
+summary as one self-contained page (Python-Markdown renders it; the plots are embedded), to open
+in a browser or attach to a ticket.
 """
 
 from __future__ import annotations
@@ -255,16 +257,49 @@ def plot_against_load(results: Mapping[str, Any], key: str, path: Path) -> None:
 
 
 def write_report(results: Mapping[str, Any], out_dir: Path) -> list[Path]:
-    """``results.json``, ``summary.md`` and the two plots in ``out_dir``; the paths written."""
+    """``results.json``, ``summary.md``, the two plots and ``summary.html`` in ``out_dir``; the
+    paths written."""
     out_dir.mkdir(parents=True, exist_ok=True)
     files = [out_dir / "results.json", out_dir / "summary.md"]
     files[0].write_text(json.dumps(results, indent=1, default=_json_default))
-    files[1].write_text(render_summary(results))
+    summary = render_summary(results)
+    files[1].write_text(summary)
     if results["points"]:
         for key, name in (("p99_ms", "p99-vs-load.png"), ("std_ms", "std-vs-load.png")):
             plot_against_load(results, key, out_dir / name)
             files.append(out_dir / name)
+    files.append(out_dir / "summary.html")
+    files[-1].write_text(render_html(summary, out_dir))
     return files
+
+
+_PAGE_STYLE = """body{font:15px/1.45 system-ui,sans-serif;max-width:75em;margin:2em auto;padding:0 1em}
+table{border-collapse:collapse;margin:1em 0;font-size:13px}th,td{border:1px solid #ccc;padding:3px 7px}
+th{background:#f3f3f3}td:not(:first-child){text-align:right}img{max-width:100%}code{background:#f3f3f3}"""
+
+
+def render_html(summary_md: str, out_dir: Path) -> str:
+    """``summary.md`` as one page with no outside references: each plot it names in ``out_dir``
+    embedded as a data URI."""
+    import base64
+    import html
+    import re
+
+    import markdown
+
+    body = markdown.markdown(summary_md, extensions=["tables"])
+
+    def embed(match: re.Match) -> str:
+        path = out_dir / html.unescape(match.group(1))
+        if not path.is_file():
+            return match.group(0)
+        return f'src="data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()}"'
+
+    body = re.sub(r'src="([^":/]+\.png)"', embed, body)
+    return (
+        '<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>collage bench report</title>'
+        f"<style>{_PAGE_STYLE}</style></head>\n<body>\n{body}\n</body></html>\n"
+    )
 
 
 def _json_default(value: Any) -> Any:

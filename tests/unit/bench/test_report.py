@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -126,8 +127,14 @@ def test_target_gaps_say_by_how_much() -> None:
 def test_write_report_writes_every_file_and_the_summary_leads_with_curves_and_targets(tmp_path: Path) -> None:
     res = with_targets(results())
     files = write_report(res, tmp_path)
-    assert {f.name for f in files} == {"results.json", "summary.md", "p99-vs-load.png", "std-vs-load.png"}
+    assert {f.name for f in files} == {
+        "results.json", "summary.md", "summary.html", "p99-vs-load.png", "std-vs-load.png"
+    }  # fmt: skip
     assert all(f.stat().st_size > 0 for f in files)
+    page = (tmp_path / "summary.html").read_text()  # one page: the tables, the plots inside it
+    assert page.startswith("<!doctype html>") and page.count("<table>") == render_summary(res).count("\n\n|")
+    assert page.count('src="data:image/png;base64,') == 2 and "p99-vs-load.png" not in page
+    assert not re.search(r'(src|href)="(?!data:)', page)
     assert json.loads((tmp_path / "results.json").read_text())["points"][0]["best_baseline"]["name"]
     summary = render_summary(res)
     assert summary.index("p99-vs-load.png") < summary.index("## Targets") < summary.index("## burst at load")
