@@ -38,7 +38,7 @@ test-fast: setup
 bench-triton: setup
 	scripts/bench-triton.sh
 
-# Retrain every shipped model from scratch and re-export ONNX (about 80 minutes on 2 cores).
+# Retrain the s-CNN and the collage models from scratch and re-export ONNX (about 27 minutes on 2 cores).
 models: setup
 	$(BIN)/collage train --preset all
 

@@ -1,7 +1,8 @@
 """The recipes of the shipped models: `collage train --preset NAME` and `make models` use them.
 
-Sized for a 2-core CPU (all four retrain in about 80 minutes there). The collage
-models spend at most one s-CNN pass of FLOPs on a whole collage (checked in the tests).
+Sized for a 2-core CPU (the s-CNN and the three collage models retrain in about 27 minutes
+there). Each collage model spends 0.85 to 1.0 s-CNN passes of FLOPs on a whole collage (checked
+in the tests).
 """
 
 from __future__ import annotations
