@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Awaitable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,20 @@ from collage_inference.serving.v2 import (
 from collage_inference.serving.web.client import HttpClient, HttpReply
 
 _WORKER_TIMINGS = ("queue_ms", "compute_ms", "injected_ms")
+
+
+@dataclass(frozen=True)
+class _Tensors:
+    """What a contract calls its tensors: the input's name, the scores' name, and (tensor
+    contract) the side and channels the front end resizes images to."""
+
+    input: str
+    output: str
+    side: int = 0
+    channels: int = 0
+
+
+_WORKER_TENSORS = _Tensors("image", "probabilities")
 _LENGTH = HEADER_LENGTH.lower()
 
 
@@ -69,13 +84,12 @@ class HttpTransport:
         self._auth = {"Authorization": f"Bearer {token}"} if token else {}
         self._prefixes: Kept[tuple[int, ...], bytes] = Kept(16)  # batch shape -> head + JSON header
         self._parser = V2Parser()
-        # The tensor contract's input and output names and input side, read by describe().
-        self._input, self._output, self._side, self._channels = "image", "probabilities", 0, 0
+        self._tensors = _WORKER_TENSORS  # the names and input shape the contract uses; describe() sets them
 
     def infer(self, images: np.ndarray, timeout: float) -> Awaitable[Inference]:
         """Send uint8 images (N, H, W, C), written now when a keep-alive connection is idle."""
         if self.contract == "tensor":
-            x = prepare_images(images, self._side, self._channels)
+            x = prepare_images(images, self._tensors.side, self._tensors.channels)
         else:
             x = images.astype(np.uint8, copy=False)
         try:
@@ -87,8 +101,8 @@ class HttpTransport:
     def _prefix(self, x: np.ndarray) -> bytes:
         prefix = self._prefixes.get(x.shape)
         if prefix is None:
-            tensor = InferTensor.of(self._input, np.zeros(x.shape, x.dtype))
-            request = InferRequest(None, (tensor,), (RequestedOutput(self._output, binary=True),))
+            tensor = InferTensor.of(self._tensors.input, np.zeros(x.shape, x.dtype))
+            request = InferRequest(None, (tensor,), (RequestedOutput(self._tensors.output, binary=True),))
             body, headers = render_infer_request(request, binary_inputs=True)
             header = body[: int(headers[HEADER_LENGTH])]
             length = len(header) + math.prod(x.shape) * x.dtype.itemsize
@@ -110,7 +124,7 @@ class HttpTransport:
             raise error(f"worker {self.url} answered HTTP {reply.status}: {reply.body[:300]!r}")
         try:
             response = self._parser.parse_response(reply.body, reply.headers.get(_LENGTH))
-            scores = np.asarray(response.output(self._output).data, np.float32)
+            scores = np.asarray(response.output(self._tensors.output).data, np.float32)
         except ProtocolError as exc:
             raise WorkerDownError(f"worker {self.url} answered garbage: {exc}") from exc
         probabilities = softmax(scores) if self.contract == "tensor" else scores
@@ -176,7 +190,7 @@ class HttpTransport:
             worker = any(t.get("name") == "image" and t.get("datatype") == "UINT8" for t in inputs)
             self.contract = "image" if worker else "tensor"
         if self.contract == "image":
-            self._input, self._output = "image", "probabilities"
+            self._tensors = _WORKER_TENSORS
             return
         floats = [t for t in inputs if t.get("datatype") == "FP32"]
         if not inputs and not outputs:  # a server that lists no tensors: the exported file's names
@@ -186,22 +200,19 @@ class HttpTransport:
                 f"model {self.model!r} at {self.url} has inputs {[t.get('name') for t in inputs]} and "
                 f"outputs {outputs}; the tensor contract wants one FP32 input (N, C, H, W) and logits"
             )
-        self._input = str(floats[0]["name"])
-        self._output = "logits" if "logits" in outputs else str(outputs[0])
-        self._side = info.image_size * (info.grid if info.kind == "collage" else 1)
-        self._channels = info.channels
+        self._tensors = _Tensors(
+            str(floats[0]["name"]),
+            "logits" if "logits" in outputs else str(outputs[0]),
+            info.image_size * (info.grid if info.kind == "collage" else 1),
+            info.channels,
+        )
         self._prefixes.clear()
 
     def at(self, url: str) -> HttpTransport:
         """The same model, described the same way, at a new address (the server moved)."""
         moved = HttpTransport(url, self.model, self.token, model_file=self.model_file, facts=self.declared,
                               contract=self.contract)  # fmt: skip
-        moved._input, moved._output, moved._side, moved._channels = (
-            self._input,
-            self._output,
-            self._side,
-            self._channels,
-        )
+        moved._tensors = self._tensors
         return moved
 
     def close(self) -> None:
