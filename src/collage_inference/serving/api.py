@@ -82,16 +82,7 @@ class FrontEndApi:
 
     def router(self, token: str | None = None) -> Router:
         """The route table: every entry point serves this one."""
-        routes = model_routes(
-            self.model_name,
-            "1",
-            ready=self.ready,
-            metadata=self.metadata,
-            model_ready=self.model_ready,
-            infer=self.infer,
-            metrics=self.metrics,
-            server_metadata=SERVER_METADATA,
-        )
+        routes = model_routes(self.model_name, "1", self, SERVER_METADATA)
         routes.append(Route("POST", "/predict", self.predict))
         routes.append(Route("PUT", "/admin/workers/{id}", self.move_worker))
         return Router(routes, token=token, on_status=self.count_status)

@@ -60,16 +60,7 @@ class WorkerApi:
         self.exposition = Exposition(self._families)
 
     def router(self, token: str | None = None) -> Router:
-        routes = model_routes(
-            self.server.name,
-            VERSION,
-            ready=self.ready,
-            metadata=self.metadata,
-            model_ready=self.model_ready,
-            infer=self.infer,
-            metrics=self.metrics,
-            server_metadata=SERVER_METADATA,
-        )
+        routes = model_routes(self.server.name, VERSION, self, SERVER_METADATA)
         return Router(routes, token=token)
 
     def check_model(self, request: Request) -> None:

@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import orjson
 
@@ -123,16 +123,18 @@ class Route:
 _Table = dict[str, Handler]  # method -> handler, for one path
 
 
+class ModelService(Protocol):
+    """The handlers of a service that serves one model over V2 (the front end's and the worker's)."""
+
+    def ready(self, request: Request) -> Response | Awaitable[Response]: ...
+    def metadata(self, request: Request) -> Response | Awaitable[Response]: ...
+    def model_ready(self, request: Request) -> Response | Awaitable[Response]: ...
+    def infer(self, request: Request) -> Response | Awaitable[Response]: ...
+    def metrics(self, request: Request) -> Response | Awaitable[Response]: ...
+
+
 def model_routes(
-    model: str,
-    version: str,
-    *,
-    ready: Handler,
-    metadata: Handler,
-    model_ready: Handler,
-    infer: Handler,
-    metrics: Handler,
-    server_metadata: Mapping[str, Any],
+    model: str, version: str, service: ModelService, server_metadata: Mapping[str, Any]
 ) -> list[Route]:
     """The Open Inference Protocol (KServe V2) endpoints of a service that serves ``model``:
     health, server metadata, ``/metrics``, and each model path with and without
@@ -142,14 +144,15 @@ def model_routes(
     routes = [
         Route("GET", "/v2", lambda r: Response.json(server_metadata)),
         Route("GET", "/v2/health/live", lambda r: Response.json({"live": True})),
-        Route("GET", "/v2/health/ready", ready),
-        Route("GET", "/metrics", metrics),
+        Route("GET", "/v2/health/ready", service.ready),
+        Route("GET", "/metrics", service.metrics),
     ]
+    infer = service.infer
     routes += [Route("POST", f"/v2/models/{model}{v}/infer", infer) for v in ("", f"/versions/{version}")]
     for prefix in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
         routes += [
-            Route("GET", prefix, metadata),
-            Route("GET", prefix + "/ready", model_ready),
+            Route("GET", prefix, service.metadata),
+            Route("GET", prefix + "/ready", service.model_ready),
             Route("POST", prefix + "/infer", infer),
         ]
     return routes
