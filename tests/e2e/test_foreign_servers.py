@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from collage_inference.bench.loadgen import LoadConfig, run_load_sync
+from collage_inference.bench.loadgen import LoadConfig, LoadResult, run_load_sync
 from collage_inference.bench.serving import overhead
 from collage_inference.config import ServeConfig, WorkerEndpoint
 from collage_inference.deploy.local import LocalCluster
@@ -94,6 +94,20 @@ def server(args: list[str], url: str, models: list[str]) -> Iterator[None]:
         log.close()
 
 
+def load_front_end(config: ServeConfig, test, requests: int, warmup: int, seed: int) -> LoadResult:
+    """A front end over ``config``'s servers, loaded at 30 requests/s with test images: every
+    request answered, at least 90% of them correctly."""
+    images, labels = test.images[: requests + 200], test.labels[: requests + 200]
+    with LocalCluster(config) as cluster:
+        load = LoadConfig(cluster.url, rate=30, requests=requests, warmup=warmup, seed=seed)
+        result = run_load_sync(load, images, labels)
+    assert (result.answered, result.failed, result.unsent, result.overflowed) == (requests, 0, 0, 0), (
+        result.summary
+    )
+    assert result.accuracy >= 0.90, result.accuracy
+    return result
+
+
 def test_collage_in_front_of_a_real_triton(models_dir: Path, fashion_test) -> None:
     port = free_port(3)
     url = f"http://127.0.0.1:{port}"
@@ -106,13 +120,7 @@ def test_collage_in_front_of_a_real_triton(models_dir: Path, fashion_test) -> No
             scnn=(WorkerEndpoint(url, "scnn", model_file=scnn),),
             collage=(WorkerEndpoint(url, "collage-3x3", model_file=collage),),
         )  # fmt: skip
-        with LocalCluster(config) as cluster:
-            load = LoadConfig(cluster.url, rate=30, requests=300, warmup=20, seed=3)
-            result = run_load_sync(load, fashion_test.images[:500], fashion_test.labels[:500])
-    assert (result.answered, result.failed, result.unsent, result.overflowed) == (300, 0, 0, 0), (
-        result.summary
-    )
-    assert result.accuracy >= 0.90, result.accuracy
+        result = load_front_end(config, fashion_test, requests=300, warmup=20, seed=3)
     assert result.source_shares.get("collage", 0) > 0  # the collage answered for Triton's stragglers
 
 
@@ -124,13 +132,7 @@ def test_the_s_cnn_in_front_of_kserve(models_dir: Path, fashion_test) -> None:
         config = ServeConfig(
             mode="none", grid=2, port=0, scnn=(WorkerEndpoint(url, "scnn", model_file=scnn),)
         )
-        with LocalCluster(config) as cluster:
-            load = LoadConfig(cluster.url, rate=30, requests=100, warmup=10, seed=4)
-            result = run_load_sync(load, fashion_test.images[:200], fashion_test.labels[:200])
-    assert (result.answered, result.failed, result.unsent, result.overflowed) == (100, 0, 0, 0), (
-        result.summary
-    )
-    assert result.accuracy >= 0.90, result.accuracy
+        load_front_end(config, fashion_test, requests=100, warmup=10, seed=4)
 
 
 def test_bench_serving_measures_the_overhead_in_front_of_triton(models_dir: Path, fashion_test) -> None:
