@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import socket
 import subprocess
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -38,13 +39,14 @@ pytestmark = [
 ]
 
 
-def free_port(count: int = 1) -> int:
-    """A port with ``count - 1`` free ones after it (Triton takes HTTP, gRPC and metrics ports)."""
+def free_ports(count: int) -> int:
+    """The first of ``count`` consecutive free ports (Triton takes HTTP, gRPC and metrics ports),
+    drawn below the kernel's ephemeral range: a port from ``bind(0)`` is one the client sockets
+    opened meanwhile (front end, load generator) may take before the server binds it."""
+    low, _ = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
     while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port + count < 65536 and all(_free(port + i) for i in range(1, count)):
+        port = random.randrange(20000, max(20001, low - count))
+        if all(_free(port + i) for i in range(count)):
             return port
 
 
@@ -54,8 +56,27 @@ def _free(port: int) -> bool:
 
 
 @contextmanager
-def server(args: list[str], url: str, models: list[str]) -> Iterator[None]:
-    """A server process from .venv-triton, once every one of ``models`` answers ready."""
+def server(args: Callable[[int], list[str]], ports: int, models: list[str]) -> Iterator[str]:
+    """A server process from .venv-triton on ``ports`` consecutive ports, yielding its URL once
+    every one of ``models`` answers ready. A port taken between the check and the server's bind
+    is tried again on other ports."""
+    for attempt in range(3):
+        port = free_ports(ports)
+        try:
+            with _server_on(args(port), f"http://127.0.0.1:{port}", models) as url:
+                yield url
+                return
+        except _PortTaken:
+            if attempt == 2:
+                raise
+
+
+class _PortTaken(Exception):
+    pass
+
+
+@contextmanager
+def _server_on(args: list[str], url: str, models: list[str]) -> Iterator[str]:
     libdir = subprocess.run(
         [str(PYTHON), "-c", "import sysconfig; print(sysconfig.get_config_var('LIBDIR'))"],
         capture_output=True, text=True, check=True,
@@ -81,11 +102,15 @@ def server(args: list[str], url: str, models: list[str]) -> Iterator[None]:
                 pass
             if proc.poll() is not None or time.monotonic() > deadline:
                 log.seek(0)
-                pytest.fail(f"{args[0]} did not become ready: {log.read().decode(errors='replace')[-3000:]}")
+                text = log.read().decode(errors="replace")
+                if proc.poll() is not None and "already in use" in text:
+                    raise _PortTaken(text[-500:])
+                pytest.fail(f"{args[0]} did not become ready: {text[-3000:]}")
             time.sleep(0.5)
-        yield
+        yield url
     finally:
-        proc.terminate()
+        if proc.poll() is None:
+            proc.terminate()
         try:
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
@@ -109,12 +134,13 @@ def load_front_end(config: ServeConfig, test, requests: int, warmup: int, seed: 
 
 
 def test_collage_in_front_of_a_real_triton(models_dir: Path, fashion_test) -> None:
-    port = free_port(3)
-    url = f"http://127.0.0.1:{port}"
     scnn, collage = models_dir / "scnn.onnx", models_dir / "collage-3x3.onnx"
-    args = [str(TRITON), str(port), f"scnn={scnn}", f"collage-3x3={collage}",
-            "--slow", "scnn:0.05:0.3"]  # fmt: skip
-    with server(args, url, ["scnn", "collage-3x3"]):
+
+    def args(port: int) -> list[str]:
+        return [str(TRITON), str(port), f"scnn={scnn}", f"collage-3x3={collage}",
+                "--slow", "scnn:0.05:0.3"]  # fmt: skip
+
+    with server(args, 3, ["scnn", "collage-3x3"]) as url:
         config = ServeConfig(
             mode="collage", grid=3, port=0,
             scnn=(WorkerEndpoint(url, "scnn", model_file=scnn),),
@@ -125,10 +151,9 @@ def test_collage_in_front_of_a_real_triton(models_dir: Path, fashion_test) -> No
 
 
 def test_the_s_cnn_in_front_of_kserve(models_dir: Path, fashion_test) -> None:
-    port = free_port(2)
-    url = f"http://127.0.0.1:{port}"
     scnn = models_dir / "scnn.onnx"
-    with server([str(SERVERS / "kserve_server.py"), str(port), "scnn", str(scnn)], url, ["scnn"]):
+    kserve = lambda port: [str(SERVERS / "kserve_server.py"), str(port), "scnn", str(scnn)]  # noqa: E731
+    with server(kserve, 2, ["scnn"]) as url:
         config = ServeConfig(
             mode="none", grid=2, port=0, scnn=(WorkerEndpoint(url, "scnn", model_file=scnn),)
         )
@@ -138,11 +163,8 @@ def test_the_s_cnn_in_front_of_kserve(models_dir: Path, fashion_test) -> None:
 def test_bench_serving_measures_the_overhead_in_front_of_triton(models_dir: Path, fashion_test) -> None:
     """The direct side calls Triton in the model's own tensors, the other side goes through the
     front end; both are answered and judged on the same images."""
-    port = free_port(3)
-    url = f"http://127.0.0.1:{port}"
     scnn = models_dir / "scnn.onnx"
-    args = [str(TRITON), str(port), f"scnn={scnn}"]
-    with server(args, url, ["scnn"]):
+    with server(lambda port: [str(TRITON), str(port), f"scnn={scnn}"], 3, ["scnn"]) as url:
         images, labels = fashion_test.images[:300], fashion_test.labels[:300]
         report = overhead(50, 100, 2, images, labels, WorkerEndpoint(url, "scnn", model_file=scnn))
     assert report["server"] == f"{url}#scnn@{scnn}"
