@@ -13,8 +13,10 @@ models it names.
 
 File layout (every key optional)::
 
-    mode = "collage"          # none | equal | replicate | hedge | replicate-all | collage
+    mode = "collage"          # none | equal | replicate | hedge | replicate-all | collage | collage-2 | parm
     grid = 3                  # collage side S (k = S*S), or "auto"
+    parity_k = 4              # mode parm: requests per parity query (2 or 4)
+    parity_encoder = "concat" # mode parm: concat | sum (collage_inference.parm)
     policy = "confident"      # confident | patient | first
     confident_at = 0.9        # policy confident: a collage cell this sure answers at once
     group_timeout = 0.01      # seconds; omit for the adaptive group deadline
@@ -70,6 +72,7 @@ from typing import Any
 
 from collage_inference.errors import ConfigError
 from collage_inference.modes import MODES, REISSUE_TARGETS, DecoderPolicy, Mode
+from collage_inference.parm import CONCAT_KS, ENCODERS
 from collage_inference.slowdown import KINDS, parse_slowdown
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -372,6 +375,8 @@ class FrontEndSettings:
     policy: str = "confident"
     confident_at: float = 0.9  # policy confident: a collage cell this sure answers at once
     group_timeout: float | None = None  # None: the adaptive group deadline
+    parity_k: int = 4  # mode parm: requests per parity query
+    parity_encoder: str = "concat"  # mode parm: how the parity query is coded
     request_timeout: float = 5.0  # end-to-end deadline; past it the client gets 504
     replicate_timeout: float = 0.1  # the fixed re-issue timeout of mode ``replicate``
     reissue_to: str = "idle"  # or "least-loaded": where a re-issue for lateness goes
@@ -393,6 +398,9 @@ class FrontEndSettings:
         _number(self.confident_at, "confident_at", strict=False, high=1.0)  # a probability
         if self.group_timeout is not None:
             _number(self.group_timeout, "group_timeout")
+        _choice(self.parity_encoder, "parity_encoder", ENCODERS)
+        if self.parity_k not in CONCAT_KS:  # the shipped parity models; the sum code would take any k
+            raise _bad("parity_k", f"is {self.parity_k!r}", f"give one of {', '.join(map(str, CONCAT_KS))}")
         _number(self.request_timeout, "request_timeout")
         _number(self.replicate_timeout, "replicate_timeout")
         _number(self.max_pending, "max_pending", integer=True)
@@ -482,7 +490,9 @@ class ServeConfig(FrontEndSettings):
 
     @property
     def k(self) -> int:
-        """Requests per group the s-CNN pool is sized for (S*S; S = 3 under ``auto``)."""
+        """Requests per group the s-CNN pool is sized for (S*S; S = 3 under ``auto``; parity_k for parm)."""
+        if MODES[self.mode].parity:
+            return self.parity_k
         side = AUTO_SIZING_GRID if self.grid == AUTO else int(self.grid)
         return side * side
 
@@ -503,6 +513,10 @@ class ServeConfig(FrontEndSettings):
         """The local collage model per grid this config serves (none when the mode has no collage)."""
         if not MODES[self.mode].collage:
             return {}
+        if MODES[self.mode].parity:
+            return {
+                self.parity_k: _model_file(self.models_dir, f"parm-k{self.parity_k}-{self.parity_encoder}")
+            }
         if self.grid != AUTO:
             return {int(self.grid): _model_file(self.models_dir, f"collage-{self.grid}x{self.grid}")}
         found = {s: self.models_dir / f"collage-{s}x{s}.onnx" for s in AUTO_GRIDS}
@@ -657,6 +671,8 @@ def add_frontend_arguments(parser: argparse.ArgumentParser) -> None:
         "--confident-at", type=float, help="policy confident: the cell confidence that answers at once"
     )
     p.add_argument("--group-timeout", type=float, help="group deadline, seconds (default adaptive)")
+    p.add_argument("--parity-k", type=int, help="mode parm: requests per parity query, 2 or 4 (default 4)")
+    p.add_argument("--parity-encoder", choices=ENCODERS, help="mode parm: parity code (default concat)")
     p.add_argument("--request-timeout", type=float, help="end-to-end deadline, seconds (504 past it)")
     p.add_argument("--replicate-timeout", type=float, help="re-issue timeout of mode replicate, seconds")
     p.add_argument(
@@ -692,7 +708,8 @@ def slowdown_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 FRONTEND_FLAG_KEYS = (
-    "mode", "grid", "policy", "confident_at", "group_timeout", "request_timeout", "replicate_timeout",
+    "mode", "grid", "parity_k", "parity_encoder", "policy", "confident_at", "group_timeout",
+    "request_timeout", "replicate_timeout",
     "reissue_to", "max_pending", "model_name", "host", "port", "token_file", "scnn", "collage",
 )  # fmt: skip
 

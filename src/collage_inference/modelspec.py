@@ -117,7 +117,7 @@ class ModelMeta:
         """What a front end must know to use the model, under the keys every model server
         publishes (and a front end's worker table may declare)."""
         cfg = self.config
-        return {
+        facts: dict[str, Any] = {
             "kind": self.kind,
             "grid": self.grid,
             "labels": list(self.labels),
@@ -125,6 +125,9 @@ class ModelMeta:
             "input_size": cfg.input_size,
             "channels": cfg.in_channels,
         }
+        if self.kind == "parity":
+            facts |= {"parity_k": cfg.parity_k, "encoder": cfg.encoder}
+        return facts
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

@@ -14,6 +14,11 @@ comparison between modes measures the strategy and not different code.
 | replicate-all | 2k | every request to two workers at once | 1 |
 | collage | k | one collage worker per k requests | 1/k |
 | collage-2 | k | two collage workers share the collages | 2/k |
+| parm | k | one parity worker per k requests (ParM, :mod:`collage_inference.parm`) | 1/k |
+
+Mode ``parm`` is the closest peer's strategy on the same stages: the grouper forms groups of the
+parity model's k, the encoder builds one parity query per group, and the decoder recovers one
+missing primary by subtraction. Its ``collage`` flag means "a backup worker answers per group".
 
 Extra cost counts worker processes (the resource a cloud bill counts), with the collage
 worker priced as one s-CNN worker although its model costs at most one s-CNN pass per collage.
@@ -38,6 +43,7 @@ class Mode:
     copies: int = 1  # s-CNN calls sent at admission
     reissue: str = "never"  # never | fixed | p95
     collage_workers: int = 1  # collage workers per grid served
+    parity: bool = False  # the group's backup is a ParM parity query, not a collage
 
     def scnn_workers(self, k: int) -> int:
         return k + (k if self.name == "replicate-all" else self.extra_workers)
@@ -71,6 +77,7 @@ MODES: dict[str, Mode] = {
         Mode("replicate-all", 0, copies=2),
         Mode("collage", 0, collage=True),
         Mode("collage-2", 0, collage=True, collage_workers=2),
+        Mode("parm", 0, collage=True, parity=True),
     )
 }
 

@@ -22,6 +22,9 @@ Rules, per request:
   wait for and no re-issue left: 503.
 * At its end-to-end deadline an unanswered request fails with 504 (a usable collage cell in
   hand is answered instead: late but right beats an error).
+* Mode ``parm``: a group's backup is a parity answer, and a request's backup answer is the output
+  the subtraction decoder recovers for it (:mod:`~collage_inference.serving.parity`) when it is
+  its group's one member without an s-CNN output; from then on it is held like a collage cell.
 * Exactly once: a request leaves with its Answer or Fail. Later replies are dropped and counted
   (``late_reply``); their latency still feeds the window, otherwise stragglers would vanish
   from the statistics that detect them.
@@ -44,6 +47,7 @@ from collage_inference.errors import ConfigError, ProtocolError
 from collage_inference.modes import DecoderPolicy
 from collage_inference.serving.latency import AdaptiveTimeout, LatencyWindow
 from collage_inference.serving.metrics import Metrics
+from collage_inference.serving.parity import ParityBook
 from collage_inference.serving.types import (
     Action,
     Answer,
@@ -134,8 +138,10 @@ class Decoder:
         primary_latencies: LatencyWindow | None = None,
         collage_latencies: LatencyWindow | None = None,
         metrics: Metrics | None = None,
+        parity: ParityBook | None = None,
     ) -> None:
         self.config = config
+        self.parity = parity  # mode parm: the subtraction decoder's bookkeeping
         self.num_classes = len(config.class_names)
         # `is None`, not `or`: an empty window is falsy (len 0) but must still be shared
         window = config.window
@@ -170,6 +176,8 @@ class Decoder:
             if st is not None and st.backup in (_Backup.NONE, _Backup.EXPECTED):
                 st.backup, st.collage_due = _Backup.PENDING, due
                 actions += self._settle(st, now)
+        if self.parity is not None:
+            self.parity.add_group(group)
         return actions
 
     def primary_reply(self, request_id: str, reply: Reply, now: float) -> list[Action]:
@@ -190,11 +198,16 @@ class Decoder:
             self.metrics.bad_replies += 1
             return self._settle(st, now)
         source = Source.PRIMARY if reply.source == Source.PRIMARY else Source.REPLICA
-        return self._finish(st, self._answer(st, prediction, reply, source, now))
+        actions = self._finish(st, self._answer(st, prediction, reply, source, now))
+        if self.parity is not None and prediction.probabilities is not None:
+            for recovered in self.parity.scnn_output(request_id, prediction.probabilities):
+                actions += self._hold(*recovered, now)
+        return actions
 
     def collage_reply(self, group: Group, reply: Reply, now: float) -> list[Action]:
         """The collage-CNN answered for ``group``: one prediction per cell, k in all."""
         self.collage_latencies.add(now - group.closed_at)
+        self.metrics.observe_backup(sum(r.id in self._pending for r in group.requests))
         garbage = len(reply.predictions) != group.k
         if garbage:
             self.metrics.bad_replies += 1
@@ -219,9 +232,43 @@ class Decoder:
             actions += self._settle(st, now)
         return actions
 
+    def parity_reply(self, group: Group, reply: Reply, now: float) -> list[Action]:
+        """The parity model answered for ``group`` (mode parm): the one member without an s-CNN
+        output, if exactly one, gets the output recovered by subtraction as its backup; with
+        more missing, theirs is lost unless all but one of them are answered later."""
+        assert self.parity is not None, "parity_reply needs a decoder built with a ParityBook"
+        self.collage_latencies.add(now - group.closed_at)
+        if len(reply.predictions) != 1:
+            self.metrics.bad_replies += 1
+            return self.worker_failed(group, now)
+        self.metrics.observe_backup(len(self.parity.missing(group.id)))
+        recovered = self.parity.parity_output(group.id, reply)
+        actions: list[Action] = []
+        for request in group.requests:
+            st = self._pending.get(request.id)
+            if st is not None and st.backup in (_Backup.EXPECTED, _Backup.PENDING):
+                st.backup = _Backup.LOST  # for now: recovered below, or later by scnn_output
+                actions += self._settle(st, now)
+        for found in recovered:
+            actions += self._hold(*found, now)
+        return actions
+
+    def _hold(self, request_id: str, prediction: Prediction, reply: Reply, now: float) -> list[Action]:
+        """A backup answer for ``request_id`` is in hand; the policy decides when it answers."""
+        st = self._pending.get(request_id)
+        if st is None:
+            return []
+        if not 0 <= prediction.label < self.num_classes:
+            self.metrics.bad_replies += 1
+            return []
+        st.backup, st.held = _Backup.HELD, (prediction, reply, now)
+        return self._settle(st, now)
+
     def worker_failed(self, target: str | Group, now: float) -> list[Action]:
         """The s-CNN call for request id ``target``, or the collage call for group ``target``, failed."""
         if isinstance(target, Group):
+            if self.parity is not None:
+                self.parity.drop(target.id)
             actions: list[Action] = []
             for request in target.requests:
                 st = self._pending.get(request.id)
@@ -279,7 +326,7 @@ class Decoder:
                 policy == DecoderPolicy.CONFIDENT and prediction.confidence >= self.config.confident_at
             )
             if at_once or now >= min(st.primary_due, deadline) or st.single_outstanding == 0:
-                answer = self._answer(st, prediction, reply, Source.COLLAGE, now, held=now - since)
+                answer = self._answer(st, prediction, reply, reply.source, now, held=now - since)
                 return self._finish(st, answer)
         if now >= deadline:
             message = f"request {st.request.id} missed its end-to-end deadline; no path answered in time"

@@ -36,6 +36,7 @@ from collage_inference.serving.encoder import CollageEncoder
 from collage_inference.serving.grouper import Grouper, GroupingPolicy
 from collage_inference.serving.latency import LatencyWindow
 from collage_inference.serving.metrics import Metrics
+from collage_inference.serving.parity import ParityBook, ParityCode, ParityEncoder
 from collage_inference.serving.pool import Call, Worker, WorkerPool
 from collage_inference.serving.transports.base import Transport
 from collage_inference.serving.types import Action, Answer, Fail, Group, Reissue, Reply, Request, Source
@@ -62,10 +63,15 @@ class FrontEnd:
         class_names: tuple[str, ...],
         tiles: dict[int, int],
         channels: int,
+        parity: ParityCode | None = None,
     ) -> None:
         mode, grid = settings.redundancy, settings.fixed_grid
         if mode.collage and not collage:
             raise ConfigError(f"mode {mode.name!r} needs at least one collage worker")
+        if mode.parity and parity is None:
+            raise ConfigError(f"mode {mode.name!r} needs a parity worker (a ParM parity model)")
+        if parity is not None:  # groups of the code's k; the pool of parity workers is keyed by k
+            grid, tiles = parity.k, {}
         if mode.collage and grid is not None and grid not in collage:
             raise ConfigError(f"no collage worker serves grid {grid}; have {sorted(collage)}")
         self.settings, self.mode = settings, mode
@@ -76,14 +82,26 @@ class FrontEnd:
         self.primary_latencies = LatencyWindow(1024)
         self.collage_service = LatencyWindow(256)  # a collage call's busy time at its worker
         grids = tuple(sorted(collage)) or (1,)
-        policy = GroupingPolicy(grids=grids, grid=grid, timeout=settings.group_timeout)
+        size = parity.k if parity else None
+        policy = GroupingPolicy(grids=grids, grid=grid, timeout=settings.group_timeout, group_size=size)
         workers = max((len(pool.workers) for pool in collage.values()), default=1)
         self.grouper = Grouper(policy, self.primary_latencies, self.collage_service, collage_workers=workers)
-        self.encoder = CollageEncoder(tiles, channels) if tiles else None
+        self.encoder: CollageEncoder | ParityEncoder | None = (
+            CollageEncoder(tiles, channels) if tiles else None
+        )
+        self.parity = parity
+        book = None
+        if parity is not None:
+            self.encoder = ParityEncoder(parity.k, parity.encoder, parity.size, parity.channels)
+            book = ParityBook(parity.k)
         self.metrics = Metrics(settings.model_name)
         config = DecoderConfig.for_mode(settings, class_names)
-        self.decoder = Decoder(config, self.primary_latencies, metrics=self.metrics)
+        self.decoder = Decoder(config, self.primary_latencies, metrics=self.metrics, parity=book)
         self._flights: dict[str, _Flight] = {}
+        # Mode parm: each parity call and its requests still unanswered; like ParM, a call whose
+        # group is complete is cancelled where the transport can take it back.
+        self._parity_calls: dict[int, tuple[Call, set[str]]] = {}
+        self._parity_group: dict[str, int] = {}
         self._ids = itertools.count()
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = float("inf")
@@ -202,6 +220,9 @@ class FrontEnd:
             collage = self.encoder.encode(group)
             call = pool.call(collage.pixels[None], self._remaining(max(r.deadline for r in group.requests)))
             assert call is not None
+            if self.parity is not None:
+                self._parity_calls[group.id] = (call, set(group.request_ids))
+                self._parity_group.update(dict.fromkeys(group.request_ids, group.id))
             self._apply(self.decoder.add_group(group, self.clock.now()))
             self._spawn(self._backup(group, call))
 
@@ -211,13 +232,17 @@ class FrontEnd:
         except Exception as exc:  # whatever a worker does, its group must still be settled
             self._call_failed(call, group, exc)
             return
+        finally:
+            self._forget_parity_call(group.id)
         timings = result.timings
         busy = timings.get("compute", 0.0) + timings.get("injected", 0.0)
         self.collage_service.add(busy if busy > 0 else timings.get("round_trip", 0.0))
+        source = Source.PARITY if self.parity else Source.COLLAGE
         reply = Reply.from_probabilities(
-            Source.COLLAGE, call.worker.id, result.probabilities[0], group_id=group.id, timings=timings
+            source, call.worker.id, result.probabilities[0], group_id=group.id, timings=timings
         )
-        self._apply(self.decoder.collage_reply(group, reply, self.clock.now()))
+        decode = self.decoder.parity_reply if self.parity else self.decoder.collage_reply
+        self._apply(decode(group, reply, self.clock.now()))
 
     def _call_failed(self, call: Call, target: str | Group, exc: Exception) -> None:
         self.metrics.worker_errors += 1
@@ -254,6 +279,8 @@ class FrontEnd:
                 self.metrics.observe_answer(action)
                 flight.future.set_result(action)
                 self._cancel_calls(flight)
+                if self._parity_group:
+                    self._answered_in_group(action.request_id)
             elif isinstance(action, Fail):
                 self.metrics.observe_failure(action.status)
                 flight.future.set_exception(action.error())
@@ -302,6 +329,24 @@ class FrontEnd:
                 self.metrics.cancelled += 1
         flight.calls.clear()
 
+    def _answered_in_group(self, request_id: str) -> None:
+        """Cancel a parity call once every request of its group is answered: nothing is left to recover."""
+        group_id = self._parity_group.pop(request_id, None)
+        if group_id is None:
+            return
+        call, unanswered = self._parity_calls[group_id]
+        unanswered.discard(request_id)
+        if not unanswered:
+            self._forget_parity_call(group_id)
+            if call.cancel():
+                self.metrics.cancelled += 1
+
+    def _forget_parity_call(self, group_id: int) -> None:
+        entry = self._parity_calls.pop(group_id, None)
+        if entry is not None:
+            for request_id in entry[1]:
+                self._parity_group.pop(request_id, None)
+
     def _loop(self) -> asyncio.AbstractEventLoop:
         # Kept: on Python 3.11 every get_running_loop() is a getpid() system call.
         if self._running_loop is None:
@@ -330,13 +375,28 @@ async def build_frontend(
         if info.kind != "scnn" or info.labels != class_names:
             where = worker.transport.name
             raise ConfigError(f"worker {where} serves {info.kind} {info.model}, not a matching s-CNN")
+    backup = "parity" if settings.redundancy.parity else "collage"
     pools: dict[int, list[Worker]] = {}
     tiles: dict[int, int] = {}
+    codes: set[tuple[int, str, int, int]] = set()
     for worker, info in zip(collage_workers, infos[len(scnn_workers) :], strict=True):
-        if info.kind != "collage" or info.labels[: len(class_names)] != class_names:
+        if info.kind != backup or info.labels[: len(class_names)] != class_names:
             where = worker.transport.name
-            raise ConfigError(f"worker {where} serves {info.kind} {info.model}, not a matching collage model")
-        pools.setdefault(info.grid, []).append(worker)
-        tiles[info.grid] = info.image_size
+            raise ConfigError(
+                f"worker {where} serves {info.kind} {info.model}, not a matching {backup} model"
+            )
+        if backup == "parity":
+            codes.add((info.parity_k, info.encoder, info.image_size, info.channels))
+            pools.setdefault(info.parity_k, []).append(worker)
+        else:
+            pools.setdefault(info.grid, []).append(worker)
+            tiles[info.grid] = info.image_size
+    parity = None
+    if codes:
+        if len(codes) > 1:
+            raise ConfigError(
+                f"the parity workers serve different codes (k, encoder, size, channels): {codes}"
+            )
+        parity = ParityCode(*codes.pop())
     collage_pools = {grid: WorkerPool(workers) for grid, workers in pools.items()}
-    return FrontEnd(settings, WorkerPool(scnn_workers), collage_pools, class_names, tiles, channels)
+    return FrontEnd(settings, WorkerPool(scnn_workers), collage_pools, class_names, tiles, channels, parity)

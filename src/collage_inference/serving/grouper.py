@@ -61,6 +61,7 @@ class GroupingPolicy:
     grids: tuple[int, ...] = (2, 3, 4)  # the grids with a collage model: S is chosen among these
     grid: int | None = None  # a fixed S (adaptive over ``grids`` when None)
     timeout: float | None = None  # a fixed group deadline after the first request (adaptive when None)
+    group_size: int | None = None  # k for a code that is not an S x S grid (ParM's k = 2); None: S*S
     initial_timeout: float = 0.5  # the deadline until latencies are measured (or the fill time, if shorter)
     min_timeout: float = 0.001  # the shortest adaptive deadline
     straggler_quantile: float = 0.99  # of recent primary latencies: what a backup must beat
@@ -76,6 +77,8 @@ class GroupingPolicy:
             raise ConfigError(f"grids must be a non-empty list of sizes >= 1, got {self.grids}")
         if self.grid is not None and self.grid < 1:
             raise ConfigError(f"grid must be at least 1, got {self.grid}")
+        if self.group_size is not None and self.group_size < 1:
+            raise ConfigError(f"group_size must be at least 1, got {self.group_size}")
         if self.timeout is not None and self.timeout <= 0:
             raise ConfigError(f"the group timeout must be positive, got {self.timeout}")
         if not 0 < self.min_timeout <= self.initial_timeout:
@@ -143,7 +146,7 @@ class Grouper:
             self._opened_at = now
             self._deadline = now + plan.timeout
         self._open.append(request)
-        if len(self._open) >= self._grid * self._grid:
+        if len(self._open) >= self.group_size(self._grid):
             closed.append(self._close(now, CloseReason.FULL))
         return closed
 
@@ -198,21 +201,29 @@ class Grouper:
         grids = (p.grid,) if p.grid is not None else self._grids
         rate = self.arrival_rate
         if p.timeout is not None:  # fixed deadline: S is the largest grid that fills within it
-            fitting = [s for s in grids if rate is not None and s * s - 1 <= p.fill_margin * p.timeout * rate]
+            fitting = [
+                s
+                for s in grids
+                if rate is not None and self.group_size(s) - 1 <= p.fill_margin * p.timeout * rate
+            ]
             return Plan(fitting[-1] if fitting else grids[0], p.timeout)
         window, service = self.straggler_window(), self._service_moments()
         if window is None or rate is None or service is None:
             # nothing measured yet: fill groups (a flood of near-empty collages would leave the
             # collage worker a backlog that outlasts the warm-up), within initial_timeout
-            fill = (grids[0] ** 2 - 1) / rate if rate else math.inf
+            fill = (self.group_size(grids[0]) - 1) / rate if rate else math.inf
             return Plan(grids[0], max(min(fill / p.fill_margin, p.initial_timeout), p.min_timeout), window)
-        costed = [(s, *self._best_deadline(s * s, window, rate, service)) for s in grids]
+        costed = [(s, *self._best_deadline(self.group_size(s), window, rate, service)) for s in grids]
         best = min(c[2] for c in costed)
         if math.isinf(best):  # every grid overloads the collage workers: the fewest collages
             grid, timeout, _, rho = costed[-1]
             return Plan(grid, timeout, window, None, rho)
         grid, timeout, rescue, rho = next(c for c in costed if c[2] <= best * (1 + p.grid_tolerance))
         return Plan(grid, timeout, window, rescue, rho)
+
+    def group_size(self, grid: int) -> int:
+        """Requests per group at side ``grid``: S*S, or the policy's fixed k."""
+        return self.policy.group_size or grid * grid
 
     def _service_moments(self) -> tuple[float, float] | None:
         """(mean, mean square) of a collage call's service time; recent primaries stand in
@@ -260,7 +271,8 @@ class Grouper:
         return wait + mean + collages * square / (2 * (1 - rho)), rho
 
     def _close(self, now: float, reason: CloseReason) -> Group:
-        group = Group(next(self._ids), self._grid, tuple(self._open), self._opened_at, now, reason)
+        size = self.policy.group_size or 0
+        group = Group(next(self._ids), self._grid, tuple(self._open), self._opened_at, now, reason, size)
         self._open = []
         self._deadline = None
         return group

@@ -31,7 +31,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.parser import text_string_to_metric_families
 
-from collage_inference.serving.types import Answer, Group
+from collage_inference.serving.types import Answer, Group, Source
 
 WorkerGauges = tuple[str, str, int, int, int]  # id, url, up, outstanding, calls
 DURATION_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
@@ -66,6 +66,9 @@ class Metrics:
         self.unknown_replies = 0  # for requests never admitted or long forgotten
         self.empty_cells = 0  # collage cells of real requests that came back ``empty``
         self.bad_replies = 0  # replies with a missing or out-of-range label
+        # Groups by how many of their requests had no s-CNN answer when the backup answered:
+        # ParM recovers one per group, a collage every cell.
+        self.backup_stragglers: Counter[str] = Counter()
 
     def observe_answer(self, answer: Answer) -> None:
         self.success += 1
@@ -75,6 +78,9 @@ class Metrics:
         self.compute_sum += answer.timings.get("compute", 0.0)
         # Counted in its one bucket here; the cumulative counts Prometheus wants are summed in render.
         self.duration_counts[bisect.bisect_left(DURATION_BUCKETS, answer.latency)] += 1
+
+    def observe_backup(self, unanswered: int) -> None:
+        self.backup_stragglers["2+" if unanswered >= 2 else str(unanswered)] += 1
 
     def observe_failure(self, status: int) -> None:
         self.failures[status] += 1
@@ -90,7 +96,7 @@ class Metrics:
     @property
     def stragglers(self) -> int:
         """Requests whose primary was too late: answered by another path or re-issued."""
-        return self.answers["collage"] + self.reissues
+        return self.answers["collage"] + self.answers["parity"] + self.reissues
 
     def families(self, workers: Iterable[WorkerGauges] = (), in_flight: int = 0) -> list[Metric]:
         """The front end's metric families now; one sample per worker in each worker family."""
@@ -118,11 +124,15 @@ class Metrics:
                     ("model",), [(model, self.compute_sum)]),
             latency,
             counter("collage_answers", "Answers by the path that gave them", ("model", "source"),
-                    [([self.model, s], self.answers[s]) for s in ("primary", "collage", "replica")]),
+                    [([self.model, s], self.answers[s]) for s in Source]),
+            counter("collage_backup_stragglers",
+                    "Groups by their requests without an s-CNN answer when the backup answered (0, 1, 2+)",
+                    ("model", "unanswered"),
+                    [([self.model, n], self.backup_stragglers[n]) for n in ("0", "1", "2+")]),
             counter("collage_failures", "Requests failed, by HTTP status", ("model", "status"),
                     [([self.model, str(s)], n) for s, n in sorted(self.failures.items())]),
             counter("collage_straggler_detections",
-                    "Requests whose primary was late: answered by the collage or re-issued", ("model",),
+                    "Requests whose primary was late: answered by the backup or re-issued", ("model",),
                     [(model, self.stragglers)]),
             counter("collage_reissues", "s-CNN calls re-issued to another worker", ("model",),
                     [(model, self.reissues)]),

@@ -30,6 +30,7 @@ class Source(StrEnum):
     PRIMARY = "primary"  # the s-CNN call sent at admission
     COLLAGE = "collage"  # the request's cell of the collage-CNN answer (the backup)
     REPLICA = "replica"  # an s-CNN call re-issued after primary and backup were both late
+    PARITY = "parity"  # mode parm: decoded from the group's parity answer by subtraction (ParM)
 
 
 class CloseReason(StrEnum):
@@ -63,8 +64,9 @@ class Request:
 
 @dataclass(frozen=True, eq=False)
 class Group:
-    """The requests covered by one collage, in cell order (cell = row * S + col); cells
-    ``len(requests)`` .. ``k - 1`` are empty. Times are monotonic seconds."""
+    """The requests covered by one backup query, in cell order (cell = row * S + col); cells
+    ``len(requests)`` .. ``k - 1`` are empty. k is S*S for a collage, ``size`` for a code that
+    is not a square grid (ParM's k = 2). Times are monotonic seconds."""
 
     id: int
     grid: int
@@ -72,10 +74,11 @@ class Group:
     opened_at: float
     closed_at: float
     reason: CloseReason
+    size: int = 0  # k when it is not grid * grid
 
     @property
     def k(self) -> int:
-        return self.grid * self.grid
+        return self.size or self.grid * self.grid
 
     @property
     def request_ids(self) -> tuple[str, ...]:

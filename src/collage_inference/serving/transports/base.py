@@ -13,6 +13,7 @@ from collage_inference.errors import WorkerError
 # The model facts every model server publishes (V2 metadata parameters, a Ray replica's
 # describe()), under these keys.
 FACT_KEYS = ("kind", "grid", "labels", "image_size", "channels")
+PARITY_KEYS = ("parity_k", "encoder")  # and, for a ParM parity model, these
 
 
 @dataclass(frozen=True)
@@ -20,11 +21,13 @@ class ModelInfo:
     """What a model server says about the model it serves."""
 
     model: str
-    kind: str  # "scnn" or "collage"
+    kind: str  # "scnn", "collage" or "parity"
     grid: int
     labels: tuple[str, ...]
     image_size: int  # s-CNN input side, or collage tile side
     channels: int
+    parity_k: int = 0  # a parity model: images per parity query
+    encoder: str = ""  # a parity model: how the query is coded (collage_inference.parm)
 
     @classmethod
     def from_facts(cls, model: str, facts: Mapping[str, Any]) -> ModelInfo:
@@ -37,6 +40,8 @@ class ModelInfo:
                 tuple(str(label) for label in facts["labels"]),
                 int(facts["image_size"]),
                 int(facts["channels"]),
+                int(facts.get("parity_k", 0)),
+                str(facts.get("encoder", "")),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise WorkerError(

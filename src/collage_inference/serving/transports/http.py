@@ -31,7 +31,7 @@ from collage_inference.config import FACT_KEYS
 from collage_inference.errors import ModelError, ProtocolError, WorkerDownError, WorkerError
 from collage_inference.serving.kept import Kept
 from collage_inference.serving.runtime import prepare_images, softmax
-from collage_inference.serving.transports.base import Inference, ModelInfo
+from collage_inference.serving.transports.base import PARITY_KEYS, Inference, ModelInfo
 from collage_inference.serving.v2 import (
     HEADER_LENGTH,
     InferRequest,
@@ -147,7 +147,9 @@ class HttpTransport:
         metadata = await self._metadata(timeout)
         parameters = metadata.get("parameters")
         facts = {
-            k: v for k, v in (parameters if isinstance(parameters, dict) else {}).items() if k in FACT_KEYS
+            k: v
+            for k, v in (parameters if isinstance(parameters, dict) else {}).items()
+            if k in FACT_KEYS or k in PARITY_KEYS
         }
         if self.model_file is not None:
             facts |= _file_facts(self.model_file)
