@@ -93,6 +93,8 @@ def png_of(image) -> bytes:
         ('[[collage]]\nurl = "http://h:1"\nmodel = "collage-3x3"', "no [[scnn]] workers"),
         ('[[scnn]]\nurl = "http://h:1"\nmodel = "scnn"', "add a [[collage]] table"),
         ("grid = [", "not valid TOML"),
+        ('mode = "parm"\nparity_k = 3', "`parity_k` (--parity-k)"),
+        ('parity_encoder = "xor"', "`parity_encoder` (--parity-encoder)"),
     ],
 )
 def test_bad_config_values_name_the_key_and_the_fix(tmp_path: Path, text: str, names: str) -> None:
@@ -133,6 +135,14 @@ def test_examples_parse(models_dir: Path) -> None:
         (models_dir / "scnn.onnx").resolve(),
         (models_dir / "collage-3x3.onnx").resolve(),
     ]
+
+
+def test_mode_parm_serves_the_parity_model_of_its_code(models_dir: Path) -> None:
+    config = load_config(
+        None, {"mode": "parm", "parity_k": 2, "parity_encoder": "sum", "models_dir": models_dir}
+    )
+    assert config.k == 2 and config.scnn_count == 2  # k s-CNN workers and one parity worker: 1/k
+    assert config.collage_models() == {2: models_dir / "parm-k2-sum.onnx"}
 
 
 def test_missing_models_fail_before_any_process_starts(tmp_path: Path) -> None:

@@ -15,9 +15,10 @@ def test_worker_counts_and_costs():
     k = 9
     assert {n: m.scnn_workers(k) for n, m in MODES.items()} == {
         "none": 9, "equal": 10, "replicate": 10, "hedge": 10, "replicate-all": 18, "collage": 9,
-        "collage-2": 9,
+        "collage-2": 9, "parm": 9,
     }  # fmt: skip
     assert MODES["collage"].extra_cost(k) == pytest.approx(1 / 9)
+    assert MODES["parm"].extra_cost(4) == pytest.approx(1 / 4) and MODES["parm"].parity
     assert (
         MODES["collage-2"].extra_cost(k) == pytest.approx(2 / 9) and MODES["collage-2"].collage_workers == 2
     )
