@@ -43,9 +43,11 @@ from collage_inference.bench.targets import with_ratios
 from collage_inference.config import DEFAULT_MODELS_DIR, REPO_ROOT, load_config
 from collage_inference.errors import CollageError, ConfigError
 from collage_inference.modes import MODES, REISSUE_TARGETS
+from collage_inference.parm import CONCAT_KS, ENCODERS
 
 START_COST_S = 9.0  # cluster start, drain and stop (measured on 2 cores), for the time estimate only
-DEFAULT_MODES = ("none", "equal", "replicate", "hedge", "replicate-all", "collage", "collage-2")
+DEFAULT_MODES = ("none", "equal", "replicate", "hedge", "replicate-all", "collage", "collage-2", "parm")
+PARM_GRID = 2  # the collage whose k = S*S equals ParM's k = 4, run beside mode parm
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,8 @@ class BenchConfig:
     modes: tuple[str, ...] = DEFAULT_MODES
     grid: int = 3
     grids: tuple[int, ...] = ()  # extra collage rows at other S
+    parity_ks: tuple[int, ...] = (4, 2)  # mode parm: one row per parity k
+    parity_encoder: str = "concat"  # ParM's default encoder for images
     collage_policies: tuple[str, ...] = ("patient",)  # extra collage rows with these decoder policies
     patterns: tuple[str, ...] = DEFAULT_PATTERNS
     burst_size: int | None = None  # requests per burst; None: k, as in the published experiments
@@ -95,6 +99,14 @@ class BenchConfig:
         bad = [t for t in self.reissue_targets if t not in REISSUE_TARGETS]
         if bad or not self.reissue_targets:
             raise ConfigError(f"re-issue targets must be among {REISSUE_TARGETS}, got {self.reissue_targets}")
+        if any(k not in CONCAT_KS for k in self.parity_ks) or not self.parity_ks:
+            raise ConfigError(
+                f"--parity-ks takes 2 and/or 4 (the shipped parity models), got {self.parity_ks}"
+            )
+        if self.parity_encoder not in ENCODERS:
+            raise ConfigError(
+                f"--parity-encoder is one of {', '.join(ENCODERS)}, got {self.parity_encoder!r}"
+            )
         if self.burst_size is not None and self.burst_size < 1:
             raise ConfigError(f"--burst-size must be at least 1, got {self.burst_size}")
         if self.bracket < 0 or self.retry_busy < 0 or self.quiet_wait < 0:
@@ -116,9 +128,21 @@ class BenchConfig:
             ]
         return load_points(self.patterns, self.loads, self.k, service)
 
+    @property
+    def extra_grids(self) -> tuple[int, ...]:
+        """The S of the extra collage rows: those asked for, and S = 2 beside mode parm."""
+        if "collage" not in self.modes:
+            return ()
+        wanted = [*self.grids, *([PARM_GRID] if "parm" in self.modes else [])]
+        return tuple(sorted({g for g in wanted if g != self.grid}))
+
     def runs_per_point(self) -> int:
-        per = {"replicate": len(self.sweep) * len(self.reissue_targets), "hedge": len(self.reissue_targets)}
-        extra = len(self.collage_policies) + len([g for g in self.grids if g != self.grid])
+        per = {
+            "replicate": len(self.sweep) * len(self.reissue_targets),
+            "hedge": len(self.reissue_targets),
+            "parm": len(self.parity_ks),
+        }
+        extra = len(self.collage_policies) + len(self.extra_grids)
         return sum(per.get(m, 1) for m in self.modes) + (extra if "collage" in self.modes else 0)
 
     def runs(self) -> int:
@@ -217,6 +241,7 @@ def assemble(
         "scenario": {"name": sc.name, "spec": sc.spec, "kind": sc.kind, "description": sc.description,
                      "service_ms": round(sc.service_s(config.seed) * 1e3, 3), "ideal": ideal},
         "grid": config.grid,
+        "parity_encoder": config.parity_encoder,
         "k": config.k,
         "patterns": list(config.patterns),
         "burst_size": config.burst,
@@ -267,6 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modes", help=f"comma list (default: {', '.join(DEFAULT_MODES)})")
     p.add_argument("--grid", type=int, default=3, help="collage side S of the comparison")
     p.add_argument("--grids", help="extra collage rows at these S (e.g. 2,4), each its own row")
+    p.add_argument("--parity-ks", help="mode parm: a row per parity k, 2 and/or 4 (default 4,2)")
+    p.add_argument("--parity-encoder", choices=ENCODERS, default="concat", help="mode parm's code")
     p.add_argument(
         "--arrival",
         "--patterns",
@@ -332,6 +359,8 @@ def config_from_args(args: argparse.Namespace, argv: Sequence[str]) -> BenchConf
         modes=_names(args.modes) if args.modes else quick.get("modes", DEFAULT_MODES),
         grid=args.grid,
         grids=tuple(int(g) for g in _floats(args.grids)) if args.grids else (),
+        parity_ks=tuple(int(k) for k in _floats(args.parity_ks)) if args.parity_ks else (4, 2),
+        parity_encoder=args.parity_encoder,
         patterns=_names(args.patterns) if args.patterns else DEFAULT_PATTERNS,
         burst_size=args.burst_size,
         loads=_floats(args.loads) if args.loads else (0.25, 0.5, 0.75),

@@ -11,7 +11,9 @@ runs, in this order:
 3. ``hedge`` (a second copy past the running p95) for each re-issue target, the best reported;
 4. ``equal``, ``replicate-all``, ``collage`` and the extra collage rows, each its own row:
    ``collage-2`` (two collage workers, 2/k), other decoder policies (``collage (patient)``:
-   every cell waits for its primary to be due), other S.
+   every cell waits for its primary to be due), other S;
+5. ``parm`` (ParM, the closest peer) at each parity k, over the same k s-CNN workers, with
+   ``collage S=2`` beside it: ParM's k = 4 is the collage's S = 2.
 
 Why comparisons are fair: every run uses the same arrival schedule (loadgen seed), the same
 images in the same order, and the same straggler samples (slowdown seed; worker i draws from
@@ -63,10 +65,13 @@ class RunSpec:
     replicate_timeout: float | None = None
     reissue_to: str = "idle"
     policy: str | None = None  # the decoder policy; None: the serving default
+    parity_k: int | None = None  # mode parm: requests per parity query
 
     @property
     def label(self) -> str:
         label = self.mode if self.grid == 3 or "collage" not in self.mode else f"{self.mode} S={self.grid}"
+        if self.parity_k is not None:
+            label = f"parm k={self.parity_k}"
         if self.replicate_timeout is not None:
             label += f" @{self.replicate_timeout * 1e3:.0f}ms"
         if self.reissue_to != "idle":
@@ -138,7 +143,7 @@ def run_dict(result: LoadResult, extra_cost: float, wall_s: float) -> dict[str, 
 
 
 COUNTERS = ("reissued_per_request", "mean_group_size", "group_deadline_ms", "straggler_window_ms",
-            "collages_skipped")  # fmt: skip
+            "collages_skipped", "groups_2plus_unanswered")  # fmt: skip
 
 
 def front_end_counters(url: str, sent: int) -> dict[str, float | None]:
@@ -160,6 +165,12 @@ def front_end_counters(url: str, sent: int) -> dict[str, float | None]:
         if name == "collage_group_size_total"
     ]
     groups = sum(n for _, n in sizes)
+    backed = {
+        re.search(r'unanswered="([^"]+)"', labels)[1]: n
+        for (name, labels), n in found.items()
+        if name == "collage_backup_stragglers_total"
+    }
+    answered_groups = sum(backed.values())
     reissues, deadline = one("collage_reissues_total"), one("collage_group_deadline_seconds")
     window = one("collage_straggler_window_seconds")
     return {
@@ -168,6 +179,8 @@ def front_end_counters(url: str, sent: int) -> dict[str, float | None]:
         "group_deadline_ms": round(deadline * 1e3, 1) if groups and deadline is not None else None,
         "straggler_window_ms": round(window * 1e3, 1) if groups and window else None,
         "collages_skipped": one("collage_collages_skipped_total") if groups else None,
+        # ParM's blind spot: groups whose backup found two or more requests still unanswered
+        "groups_2plus_unanswered": round(backed["2+"] / answered_groups, 4) if answered_groups else None,
     }
 
 
@@ -204,8 +217,10 @@ def serve_overrides(cfg: BenchConfig, sc: Scenario, spec: RunSpec) -> dict[str, 
         "reissue_to": spec.reissue_to,
         "backend": cfg.backend,
     }
-    if spec.grid != cfg.grid:  # another S over the same k s-CNN workers, not k = S*S of them
+    if spec.grid != cfg.grid or spec.parity_k is not None:  # the same k s-CNN workers, whatever the code
         overrides["scnn_workers"] = MODES[spec.mode].scnn_workers(cfg.k)
+    if spec.parity_k is not None:
+        overrides |= {"parity_k": spec.parity_k, "parity_encoder": cfg.parity_encoder}
     if spec.replicate_timeout is not None:
         overrides["replicate_timeout"] = spec.replicate_timeout
     if spec.policy is not None:
@@ -260,7 +275,8 @@ class Harness:
                         replace(load, url=cluster.url), self.images.images, self.images.labels
                     )
                     # workers beyond the k of mode none (another S keeps the same k workers)
-                    cost = MODES[spec.mode].extra_cost(cfg.k) if spec.grid != cfg.grid else cluster.extra_cost
+                    own_pool = spec.grid == cfg.grid and spec.parity_k is None
+                    cost = cluster.extra_cost if own_pool else MODES[spec.mode].extra_cost(cfg.k)
                     counters = front_end_counters(cluster.url, cfg.requests + cfg.warmup)
                 others = others_share(cpu0, cpu_account()) if cfg.backend == "local" else None
                 attempts.append(
@@ -313,14 +329,16 @@ class Harness:
                 ]
                 best = min(runs, key=lambda r: r["p99_ms"])
                 modes[mode] = {**best, "variants": [_brief(r) for r in runs]}
+            elif mode == "parm":
+                for k in cfg.parity_ks:
+                    modes[f"parm k={k}"] = self.measure(RunSpec("parm", grid, point, parity_k=k))
             elif mode != "none":
                 modes[mode] = self.measure(RunSpec(mode, grid, point))
         if "collage" in cfg.modes:
             for policy in cfg.collage_policies:
                 modes[f"collage ({policy})"] = self.measure(RunSpec("collage", grid, point, policy=policy))
-            for extra in cfg.grids:
-                if extra != grid:
-                    modes[f"collage S={extra}"] = self.measure(RunSpec("collage", extra, point))
+            for extra in cfg.extra_grids:
+                modes[f"collage S={extra}"] = self.measure(RunSpec("collage", extra, point))
         return {"pattern": point.pattern, "load": point.load, "rate_rps": point.rate, "modes": modes}
 
     def replicate_sweep(self, point: LoadPoint, fast_ms: float) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from collage_inference.bench.targets import Target, compute_targets, explain, with_ratios
+from collage_inference.bench.targets import Target, compute_targets, explain, parm_partner, with_ratios
 from collage_inference.errors import ConfigError
 
 MODE_ORDER = (
@@ -33,6 +33,9 @@ MODE_ORDER = (
     "collage",
     "collage (patient)",
     "collage-2",
+    "collage S=2",
+    "parm k=4",
+    "parm k=2",
 )
 
 
@@ -113,6 +116,28 @@ def ratio_table(results: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def parm_table(results: Mapping[str, Any]) -> str:
+    """ParM beside the collage at its k, per load point: p99, accuracy and how each backup did."""
+    lines = [
+        "| pattern | load | row | p99 ms | collage / row p99 | accuracy | collage minus row, points "
+        "| answered by the backup | groups with 2+ unanswered |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for p in results["points"]:
+        partner = parm_partner(p)
+        for row in ([partner] if partner else []) + sorted(p.get("parm", {})):
+            run, r = p["modes"][row], p.get("parm", {}).get(row, {})
+            source = "parity" if row.startswith("parm") else "collage"
+            share = (run.get("sources") or {}).get(source, 0.0)
+            lines.append(
+                f"| {p['pattern']} | {p['load']:g} | {row} | {_fmt(run['p99_ms'])} "
+                f"| {_fmt(r.get('collage_over_parm_p99'), 2)} | {_fmt(run.get('accuracy'), 4)} "
+                f"| {_fmt(r.get('accuracy_gain_points'), 2)} | {share:.1%} "
+                f"| {_fmt(run.get('groups_2plus_unanswered'), 3)} |"
+            )
+    return "\n".join(lines)
+
+
 def target_table(targets: list[Mapping[str, Any]]) -> str:
     lines = ["| target | value | goal | where | met | figures of the same run |", "|---|---|---|---|---|---|"]
     for t in targets:
@@ -164,6 +189,15 @@ def render_summary(results: Mapping[str, Any]) -> str:
         "## Ratios at every load point",
         ratio_table(results),
     ]
+    if any(p.get("parm") for p in results["points"]):
+        parts += [
+            "## ParM beside the collage at the same k",
+            "ParM (`parm k=K`: k s-CNN workers' requests coded K at a time into one parity query, one "
+            "parity worker) beside the collage at ParM's k = 4 (S = 2), on the same k s-CNN workers, "
+            "arrivals, images and straggler samples. A ParM group recovers one unanswered request; "
+            "the last column is the share of groups whose backup found two or more.",
+            parm_table(results),
+        ]
     for p in results["points"]:
         parts += [
             f"## {p['pattern']} at load {p['load']:g} ({p['rate_rps']:g} req/s offered)",

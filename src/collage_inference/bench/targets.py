@@ -16,6 +16,16 @@ of them at each load point is the one collage is compared with.
 | collage p99 / replicate-all p99 (twice the workers), at every load point | <= 1.3x |
 | accuracy of collage mode vs the s-CNN alone, pooled over the load points | at most 0.3 points lower |
 | extra cost of collage | 1/k |
+
+With mode ``parm`` in the run, ParM (the closest peer, at the same k s-CNN workers and 1/k more)
+is judged against the collage at ParM's k = 4, S = 2:
+
+| target | goal |
+| --- | --- |
+| collage S=2 p99 / parm k=4 p99, at every load point (worst) | <= 1.0x |
+| accuracy of all answers, collage S=2 minus parm k=4, pooled over the load points | >= 0 points |
+
+ParM's k = 2 has no square collage; its row is set beside the same S = 2 collage and reported.
 """
 
 from __future__ import annotations
@@ -114,13 +124,45 @@ def point_ratios(point: Point, collage: str = "collage") -> dict[str, float | No
     }
 
 
+PARM_GRID = 2  # ParM's k = 4 is the collage's S = 2
+
+
+def parm_partner(point: Point) -> str | None:
+    """The collage row with ParM's k = 4 (S = 2, the default decoder policy), if it ran."""
+    for name in ("collage", f"collage S={PARM_GRID}"):
+        if point["modes"].get(name, {}).get("grid") == PARM_GRID:
+            return name
+    return None
+
+
+def parm_ratios(point: Point) -> dict[str, dict[str, Any]]:
+    """For every ``parm k=K`` row: the collage row it is set beside, collage p99 / parm p99,
+    and the collage's accuracy minus ParM's, in points."""
+    partner = parm_partner(point)
+    out = {}
+    for row in sorted(m for m in point["modes"] if m.startswith("parm")):
+        accuracy = (
+            (_get(point, partner, "accuracy"), _get(point, row, "accuracy")) if partner else (None, None)
+        )
+        out[row] = {
+            "collage_row": partner,
+            "collage_over_parm_p99": ratio(_get(point, partner, "p99_ms"), _get(point, row, "p99_ms"))
+            if partner
+            else None,
+            "accuracy_gain_points": None if None in accuracy else round((accuracy[0] - accuracy[1]) * 100, 2),
+        }
+    return out
+
+
 def with_ratios(point: Point) -> dict[str, Any]:
-    """A load point with its best baseline and the ratios of every collage row."""
+    """A load point with its best baseline, the ratios of every collage row and, where ParM
+    ran, its rows' ratios against the collage at the same k."""
     rows = [m for m in point["modes"] if m.startswith("collage")]
     return {
         **point,
         "best_baseline": best_baseline(point),
         "ratios": {m: point_ratios(point, m) for m in rows},
+        "parm": parm_ratios(point),
     }
 
 
@@ -155,6 +197,7 @@ def compute_targets(results: Mapping[str, Any]) -> list[Target]:
         return True
 
     drop, drop_at = accuracy_drop(results)
+    parm = _parm_targets(points)
     costs = [c for p in points if (c := _get(p, "collage", "extra_cost")) is not None]
     base, none, versus_all = (
         "baseline_over_collage_p99",
@@ -171,6 +214,23 @@ def compute_targets(results: Mapping[str, Any]) -> list[Target]:
         claim("collage / replicate-all, p99, every load (worst)", versus_all, max, every, 1.3, "<="),
         Target("accuracy drop of collage vs s-CNN alone (pooled)", drop, 0.3, "<=", " points", drop_at),
         Target("extra cost of collage", max(costs) if costs else None, 1.0 / k, "~", "", "every load"),
+        *parm,
+    ]  # fmt: skip
+
+
+def _parm_targets(points: Sequence[Point]) -> list[Target]:
+    """The two ParM targets (module docstring), when ``parm k=4`` ran beside a collage at S = 2."""
+    found = [(p, p.get("parm", {}).get("parm k=4") or {}) for p in points]
+    found = [(p, r) for p, r in found if r.get("collage_row")]
+    if not found:
+        return []
+    ratios = [(r["collage_over_parm_p99"], p) for p, r in found if r["collage_over_parm_p99"] is not None]
+    worst, where = max(ratios, key=lambda f: f[0]) if ratios else (None, None)
+    gains = [r["accuracy_gain_points"] for _, r in found if r["accuracy_gain_points"] is not None]
+    return [
+        Target("collage S=2 / parm k=4, p99, every load (worst)", worst, 1.0, "<=", where=_where(where)),
+        Target("accuracy, collage S=2 minus parm k=4 (pooled)", sum(gains) / len(gains) if gains else None,
+               0.0, ">=", " points", "every load"),
     ]  # fmt: skip
 
 
@@ -199,6 +259,8 @@ def explain(results: Mapping[str, Any], target: Target) -> str:
     point = next((p for p in results["points"] if _where(p) == target.where), None)
     if target.met is not False or point is None:
         return ""
+    if "parm" in target.name:
+        return backup_shares(point)
     modes, r = point["modes"], point["ratios"].get("collage", {})
     collage = modes.get("collage", {})
     base = point.get("best_baseline") or {}
@@ -218,4 +280,22 @@ def explain(results: Mapping[str, Any], target: Target) -> str:
     two = point["ratios"].get("collage-2", {}).get(target.ratio)
     if two is not None:
         bits.append(f"collage-2 (2/k cost) reaches {two:.2f}x")
+    return "; ".join(bits)
+
+
+def backup_shares(point: Point) -> str:
+    """How often each backup answered at a point where ParM ran, and how many groups its backup
+    found with two or more requests unanswered (ParM's blind spot)."""
+    partner = parm_partner(point)
+    rows = ([partner] if partner else []) + sorted(m for m in point["modes"] if m.startswith("parm"))
+    bits = []
+    for row in rows:
+        run = point["modes"][row]
+        source = "parity" if row.startswith("parm") else "collage"
+        share = (run.get("sources") or {}).get(source, 0.0)
+        blind = run.get("groups_2plus_unanswered")
+        bits.append(
+            f"{row}: {share:.1%} answered by the {source}, "
+            f"{'-' if blind is None else f'{blind:.1%}'} of groups with 2+ unanswered"
+        )
     return "; ".join(bits)

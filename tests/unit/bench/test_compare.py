@@ -55,10 +55,11 @@ def test_full_plan_counts_every_point_and_sweep() -> None:
     cfg = config(["--trace", MISSING])
     assert len(cfg.points()) == 6
     # none, equal, 3 timeouts x 2 re-issue targets, 2 hedges, replicate-all, collage,
-    # collage (patient), collage-2
-    assert cfg.runs_per_point() == 1 + 1 + 6 + 2 + 1 + 1 + 1 + 1
-    assert cfg.runs() == 6 * 14 + 1
-    assert config(["--trace", MISSING, "--grids", "2,4"]).runs_per_point() == 16
+    # collage (patient), collage-2, parm k=4 and k=2, and collage S=2 beside them
+    assert cfg.runs_per_point() == 1 + 1 + 6 + 2 + 1 + 1 + 1 + 1 + 2 + 1
+    assert cfg.extra_grids == (2,)
+    assert cfg.runs() == 6 * 17 + 1
+    assert config(["--trace", MISSING, "--grids", "2,4"]).runs_per_point() == 18  # S=2 is counted once
 
 
 @pytest.mark.parametrize(

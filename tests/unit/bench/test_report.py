@@ -194,3 +194,37 @@ def test_a_shorter_time_scale_reports_its_check_at_1x() -> None:
     line = next(ln for ln in render_summary(res).splitlines() if ln.startswith("Scale check"))
     assert "none over collage p99 2.00x at 0.5x, 1.60x at 1x" in line and "NOT within 10%" in line
     assert "baseline" not in line
+
+
+def with_parm(p: dict, collage_s2: float, parm4: float, parm2: float, accuracy4: float = 0.92) -> dict:
+    """A load point with ParM's rows and the collage at its k = 4 (S = 2) beside them."""
+    modes = dict(p["modes"])
+    cost = 1 / 9
+    collage, parity = {"primary": 0.9, "collage": 0.1}, {"primary": 0.95, "parity": 0.03}
+    modes["collage S=2"] = run(collage_s2, accuracy=0.93, extra_cost=cost, mode="collage", grid=2,
+                               sources=collage, groups_2plus_unanswered=0.04)  # fmt: skip
+    modes["parm k=4"] = run(parm4, accuracy=accuracy4, extra_cost=cost, mode="parm", grid=3,
+                            sources=parity, groups_2plus_unanswered=0.05)  # fmt: skip
+    modes["parm k=2"] = run(parm2, accuracy=0.925, extra_cost=1 / 9, mode="parm", grid=3)
+    return {**p, "modes": modes}
+
+
+def test_parm_is_judged_beside_the_collage_at_its_k() -> None:
+    res = results([
+        with_parm(point("burst", 0.5, 300.0), collage_s2=400.0, parm4=500.0, parm2=450.0),
+        with_parm(point("poisson", 0.5, 280.0), collage_s2=300.0, parm4=250.0, parm2=260.0, accuracy4=0.94),
+    ])  # fmt: skip
+    found = targets(res)
+    ratio = found["collage S=2 / parm k=4, p99, every load (worst)"]
+    assert ratio["value"] == pytest.approx(300.0 / 250.0) and ratio["where"] == "poisson at load 0.5"
+    assert ratio["met"] is False and "parm k=4: 3.0% answered by the parity" in ratio["why"]
+    assert "5.0% of groups with 2+ unanswered" in ratio["why"]
+    accuracy = found["accuracy, collage S=2 minus parm k=4 (pooled)"]
+    assert accuracy["value"] == pytest.approx((1.0 + -1.0) / 2) and accuracy["met"] is True
+    summary = render_summary(with_targets(res))
+    assert "## ParM beside the collage at the same k" in summary
+    assert "| burst | 0.5 | parm k=2 | 450.0 | 0.89 | 0.9250 | 0.50 | 0.0% | - |" in summary
+
+
+def test_runs_without_parm_have_no_parm_targets() -> None:
+    assert not [name for name in targets(results()) if "parm" in name]
