@@ -1,4 +1,5 @@
-"""The front end's endpoints: KServe V2 for tools, ``/predict`` for curl, ``/metrics`` for Prometheus.
+"""The front end's endpoints: KServe V2 for tools, ``/predict`` for curl, ``/metrics`` for Prometheus,
+``/dashboard`` for people (:mod:`~collage_inference.serving.dashboard`).
 
     collage frontend --scnn http://127.0.0.1:8001#scnn --collage http://127.0.0.1:8010#collage-3x3
     python -m collage_inference.serving.api --config frontend.json    # how launchers start it
@@ -33,6 +34,7 @@ from collage_inference.config import (
     load_config,
 )
 from collage_inference.errors import CollageError, ConfigError, ListenError, ModelNotFoundError, ProtocolError
+from collage_inference.serving.dashboard import Dashboard
 from collage_inference.serving.frontend import FrontEnd, build_frontend
 from collage_inference.serving.metrics import Exposition, Metric
 from collage_inference.serving.payloads import (
@@ -85,6 +87,7 @@ class FrontEndApi:
         routes = model_routes(self.model_name, "1", self, SERVER_METADATA)
         routes.append(Route("POST", "/predict", self.predict))
         routes.append(Route("PUT", "/admin/workers/{id}", self.move_worker))
+        routes += Dashboard(self.frontend).routes()
         return Router(routes, token=token, on_status=self.count_status)
 
     def count_status(self, status: int) -> None:

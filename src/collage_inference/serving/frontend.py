@@ -35,6 +35,7 @@ from collage_inference.serving.decoder import Decoder, DecoderConfig
 from collage_inference.serving.encoder import CollageEncoder
 from collage_inference.serving.grouper import Grouper, GroupingPolicy
 from collage_inference.serving.latency import LatencyWindow
+from collage_inference.serving.live import LiveView
 from collage_inference.serving.metrics import Metrics
 from collage_inference.serving.parity import ParityBook, ParityCode, ParityEncoder
 from collage_inference.serving.pool import Call, Worker, WorkerPool
@@ -95,6 +96,7 @@ class FrontEnd:
             self.encoder = ParityEncoder(parity.k, parity.encoder, parity.size, parity.channels)
             book = ParityBook(parity.k)
         self.metrics = Metrics(settings.model_name)
+        self.live = LiveView()  # the dashboard's view: latency per second, backup queries when watched
         config = DecoderConfig.for_mode(settings, class_names)
         self.decoder = Decoder(config, self.primary_latencies, metrics=self.metrics, parity=book)
         self._flights: dict[str, _Flight] = {}
@@ -220,6 +222,9 @@ class FrontEnd:
             collage = self.encoder.encode(group)
             call = pool.call(collage.pixels[None], self._remaining(max(r.deadline for r in group.requests)))
             assert call is not None
+            now = self.clock.now()
+            if self.live.watching(now):
+                self.live.keep_query(group, "parity" if self.parity else "collage", collage.pixels, now)
             if self.parity is not None:
                 self._parity_calls[group.id] = (call, set(group.request_ids))
                 self._parity_group.update(dict.fromkeys(group.request_ids, group.id))
@@ -242,7 +247,10 @@ class FrontEnd:
             source, call.worker.id, result.probabilities[0], group_id=group.id, timings=timings
         )
         decode = self.decoder.parity_reply if self.parity else self.decoder.collage_reply
-        self._apply(decode(group, reply, self.clock.now()))
+        now = self.clock.now()
+        if self.live.watching(now):
+            self.live.query_answered(group, reply, self.class_names)
+        self._apply(decode(group, reply, now))
 
     def _call_failed(self, call: Call, target: str | Group, exc: Exception) -> None:
         self.metrics.worker_errors += 1
@@ -277,6 +285,7 @@ class FrontEnd:
                 continue
             if isinstance(action, Answer):
                 self.metrics.observe_answer(action)
+                self.live.observe(action, self.clock.now())
                 flight.future.set_result(action)
                 self._cancel_calls(flight)
                 if self._parity_group:

@@ -9,6 +9,8 @@ error answers, so a client cannot tell one entry point from another.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import hmac
 import logging
 import os
@@ -270,20 +272,27 @@ def error_response(exc: BaseException, what: str = "a request") -> Response:
     if status in (429, 503):
         headers["Retry-After"] = RETRY_AFTER_S
     elif status == 401:
-        headers["WWW-Authenticate"] = 'Bearer realm="collage-inference"'
+        # Basic too: a browser opening /dashboard asks for it (the token is the password)
+        headers["WWW-Authenticate"] = 'Bearer realm="collage-inference", Basic realm="collage-inference"'
     return Response(orjson.dumps({"error": message}), status, headers)
 
 
 def check_token(path: str, authorization: str | None, token: str | None) -> None:
     """Raise 401 unless ``token`` is unset, ``path`` is a health check, or the Authorization
-    header is ``Bearer <token>``.
+    header is ``Bearer <token>`` (or HTTP Basic with the token as password, what a browser sends).
 
     The comparison takes constant time, so response timing does not reveal how much of a
     guess was right; neither the token nor the header sent is ever logged.
     """
     if token is None or path in OPEN_PATHS:
         return
-    if not hmac.compare_digest((authorization or "").encode(), f"Bearer {token}".encode()):
+    sent = (authorization or "").encode()
+    if sent[:6].lower() == b"basic ":
+        try:
+            sent = b"Bearer " + base64.b64decode(sent[6:].strip(), validate=True).partition(b":")[2]
+        except (binascii.Error, ValueError):
+            sent = b""
+    if not hmac.compare_digest(sent, f"Bearer {token}".encode()):
         raise UnauthorizedError(
             "missing or wrong bearer token; send the header 'Authorization: Bearer <token>' "
             f"with the token the server was started with (${TOKEN_ENV} or --token-file)"
