@@ -375,13 +375,16 @@ class LocalCluster:
         """What runs where, and what the redundancy costs."""
         cfg = self.config
         grids = ", ".join(f"{s}x{s}" for s in self.collage_grids) or ("remote" if self.mode.collage else "-")
+        backup = f"collage {grids}"
+        if self.mode.parity:
+            backup = f"parity k = {cfg.parity_k}, {cfg.parity_encoder} code"
         sized = "" if cfg.scnn_count == self.mode.scnn_workers(cfg.k) else " (this run sizes its pool itself)"
+        grid = "" if self.mode.parity else f", grid {cfg.grid}"
         lines = [
-            f"mode {cfg.mode}, grid {cfg.grid} (k = {cfg.k}): {cfg.scnn_count} s-CNN worker(s), "
-            f"collage {grids}; extra cost of the mode: {self.extra_cost:.3f} x the k workers of mode none"
-            + sized,
+            f"mode {cfg.mode}{grid} (k = {cfg.k}): {cfg.scnn_count} s-CNN worker(s), "
+            f"{backup}; extra cost of the mode: {self.extra_cost:.3f} x the k workers of mode none" + sized,
             f"  front end  {self.url}  (POST /v2/models/{cfg.model_name}/infer, POST /predict, "
-            "GET /v2/health/ready, GET /metrics)",
+            "GET /v2/health/ready, GET /metrics, GET /dashboard)",
         ]
         if cfg.remote:
             lines += [f"  scnn-{i:<5} {e.url}  model {e.model} (remote)" for i, e in enumerate(cfg.scnn)]
