@@ -87,14 +87,13 @@ class FrontEnd:
         policy = GroupingPolicy(grids=grids, grid=grid, timeout=settings.group_timeout, group_size=size)
         workers = max((len(pool.workers) for pool in collage.values()), default=1)
         self.grouper = Grouper(policy, self.primary_latencies, self.collage_service, collage_workers=workers)
-        self.encoder: CollageEncoder | ParityEncoder | None = (
-            CollageEncoder(tiles, channels) if tiles else None
-        )
         self.parity = parity
-        book = None
+        self.encoder: CollageEncoder | ParityEncoder | None = None
         if parity is not None:
             self.encoder = ParityEncoder(parity.k, parity.encoder, parity.size, parity.channels)
-            book = ParityBook(parity.k)
+        elif tiles:
+            self.encoder = CollageEncoder(tiles, channels)
+        book = ParityBook(parity.k) if parity else None
         self.metrics = Metrics(settings.model_name)
         self.live = LiveView()  # the dashboard's view: latency per second, backup queries when watched
         config = DecoderConfig.for_mode(settings, class_names)
@@ -228,7 +227,7 @@ class FrontEnd:
             if self.parity is not None:
                 self._parity_calls[group.id] = (call, set(group.request_ids))
                 self._parity_group.update(dict.fromkeys(group.request_ids, group.id))
-            self._apply(self.decoder.add_group(group, self.clock.now()))
+            self._apply(self.decoder.add_group(group, now))
             self._spawn(self._backup(group, call))
 
     async def _backup(self, group: Group, call: Call) -> None:
