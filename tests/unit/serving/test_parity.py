@@ -1,18 +1,25 @@
 """Mode parm's stages: the parity encoder, the subtraction decoder's book, and the decoder
 answering a straggler with the recovered output (source ``parity``)."""
 
+import asyncio
 from pathlib import Path
 
 import numpy as np
 import pytest
+from test_frontend import CLASSES as TEN
+from test_frontend import FakeWorker, classify_all
 
 from collage_inference import parm
+from collage_inference.config import FrontEndSettings
 from collage_inference.errors import ConfigError, GeometryError
 from collage_inference.modes import DecoderPolicy
 from collage_inference.serving.decoder import Decoder, DecoderConfig
+from collage_inference.serving.frontend import FrontEnd
 from collage_inference.serving.latency import AdaptiveTimeout
-from collage_inference.serving.parity import ParityBook, ParityEncoder, slot_counts
+from collage_inference.serving.parity import ParityBook, ParityCode, ParityEncoder, slot_counts
+from collage_inference.serving.pool import Worker, WorkerPool
 from collage_inference.serving.runtime import load_runner, softmax
+from collage_inference.serving.transports.fake import FakeTransport
 from collage_inference.serving.types import (
     Answer,
     CloseReason,
@@ -186,3 +193,15 @@ def test_log_probabilities_decode_as_the_logits_do_on_the_test_set(models_dir: P
             ((request_id, prediction, _),) = book.parity_output(g, reply)
             assert request_id == requests[0].id
             assert prediction.label == int(parm.decode(parity_logits[g], member[g, 1:]).argmax())
+
+
+def test_a_parity_call_is_cancelled_once_every_request_of_its_group_is_answered() -> None:
+    """As ParM does: redundant work for a complete group is dropped where the transport can."""
+    uniform = np.full((1, len(TEN)), 1 / len(TEN), np.float32)
+    parity = Worker("p", FakeTransport("p", lambda images: uniform, delay=1.0))
+    settings = FrontEndSettings("parm", parity_k=2, group_timeout=0.005, request_timeout=2.0)
+    scnn = WorkerPool([FakeWorker("s0"), FakeWorker("s1")])
+    fe = FrontEnd(settings, scnn, {2: WorkerPool([parity])}, TEN, {}, 1, ParityCode(2, "sum", 4, 1))
+    answers = asyncio.run(classify_all(fe, [3, 4]))
+    assert [(a.label, a.source) for a in answers] == [(3, Source.PRIMARY), (4, Source.PRIMARY)]
+    assert fe.metrics.cancelled == 1 and parity.outstanding == 0 and parity.calls == 1
