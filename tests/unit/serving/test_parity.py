@@ -135,13 +135,20 @@ def make_decoder() -> Decoder:
     return Decoder(config, parity=ParityBook(2))
 
 
-def test_the_decoder_answers_a_straggler_from_the_parity(make_request) -> None:
+@pytest.fixture
+def pair(make_request):
+    """A decoder with two requests admitted at 0 in one k = 2 group whose parity was sent at 4 ms."""
     decoder = make_decoder()
     a, b = make_request(deadline=1.0), make_request(deadline=1.0)
     for r in (a, b):
         decoder.admit(r, 0.0, worker_id="scnn-0")
     group = group_of([a, b], k=2)
     decoder.add_group(group, 0.004)
+    return decoder, a, b, group
+
+
+def test_the_decoder_answers_a_straggler_from_the_parity(pair) -> None:
+    decoder, a, b, group = pair
     la, lb = [5.0, 0.0, 0.0], [0.0, 0.0, 4.0]
     (answer_a,) = decoder.primary_reply(a.id, scnn_reply(a.id, la), 0.006)
     assert answer_a.source == Source.PRIMARY
@@ -151,13 +158,8 @@ def test_the_decoder_answers_a_straggler_from_the_parity(make_request) -> None:
     assert decoder.metrics.backup_stragglers["1"] == 1 and decoder.pending == 0
 
 
-def test_two_stragglers_are_reissued_and_the_last_is_recovered_later(make_request) -> None:
-    decoder = make_decoder()
-    a, b = make_request(deadline=1.0), make_request(deadline=1.0)
-    for r in (a, b):
-        decoder.admit(r, 0.0, worker_id="scnn-0")
-    group = group_of([a, b], k=2)
-    decoder.add_group(group, 0.004)
+def test_two_stragglers_are_reissued_and_the_last_is_recovered_later(pair) -> None:
+    decoder, a, b, group = pair
     la, lb = [5.0, 0.0, 0.0], [0.0, 4.0, 0.0]
     assert decoder.parity_reply(group, parity_reply(group, np.add(la, lb)), 0.010) == []
     assert decoder.metrics.backup_stragglers["2+"] == 1
