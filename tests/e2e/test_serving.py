@@ -104,6 +104,18 @@ async def v2_infer(session: aiohttp.ClientSession, url: str, image: np.ndarray, 
     return {"id": parsed.id, "label": label, "source": source, "latency_ms": latency, "worker": None}
 
 
+async def v2_batch(url: str, images: np.ndarray) -> int:
+    """Classify a batch (N, H, W, C) in one V2 call; the number of labels answered."""
+    body, headers = render_infer_request(
+        InferRequest("batch", (InferTensor.of("image", images),)), binary_inputs=True
+    )
+    infer = f"{url}/v2/models/classifier/infer"
+    async with aiohttp.ClientSession() as session, session.post(infer, data=body, headers=headers) as resp:
+        raw = await resp.read()
+        assert resp.status == 200, raw[:300]
+    return len(parse_infer_response(raw, resp.headers.get(HEADER_LENGTH)).output("label").data)
+
+
 async def predict(session: aiohttp.ClientSession, url: str, image: np.ndarray, rid: str) -> dict[str, Any]:
     async with session.post(f"{url}/predict", data=png(image)) as resp:
         answer = await resp.json()
@@ -238,36 +250,43 @@ def test_bad_inputs_get_4xx_with_a_message_and_serving_goes_on(cluster: LocalClu
 
 
 def test_killed_worker_loses_no_request_and_comes_back(cluster: LocalCluster, fashion_test) -> None:
-    cluster.restart_worker(0)  # no longer slow; on the same port, so the front end is unaware
-    url, count = cluster.url, 150
+    # The victim is the straggling worker 0: its calls last 1.5 s, so one is surely in flight when
+    # it is killed (a fast worker's last 2 ms). The supervisor restarts it, straggling as before.
+    url, count, victim = cluster.url, 150, 0
     ready_checks: list[int] = []
     before = metrics(url)
 
-    async def busiest_worker(seconds: float) -> int:
-        """The s-CNN worker with the most calls in flight over ``seconds``: the one to kill."""
-        load: Counter[int] = Counter()
-        for _ in range(int(seconds / 0.02)):
+    async def holds_a_call(worker: int, seconds: float) -> None:
+        """Wait until the front end has a call in flight to ``worker``."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
             found = parse_metrics(await _get_text(f"{url}/metrics"))
-            for i in range(1, len(cluster.scnn)):
-                load[i] += metric_total(found, "collage_worker_outstanding", f'worker="scnn-{i}"')
-            await asyncio.sleep(0.02)
-        return max(load, key=lambda i: (load[i], -i))
+            if metric_total(found, "collage_worker_outstanding", f'worker="scnn-{worker}"') >= 1:
+                return
+            await asyncio.sleep(0.01)
+        up = metric_total(found, "collage_worker_up", f'worker="scnn-{worker}"')
+        calls = metric_total(found, "collage_worker_calls_total", f'worker="scnn-{worker}"')
+        raise AssertionError(f"scnn-{worker} never got a call (up {up}, calls {calls})")
 
-    async def run() -> tuple[list[dict[str, Any]], int]:
+    async def run() -> list[dict[str, Any]]:
+        # One V2 call of twice as many images as workers admits them at once: each worker, the
+        # slow one included, gets two.
+        burst = asyncio.create_task(v2_batch(url, fashion_test.images[: 2 * len(cluster.scnn)]))
         sending = asyncio.create_task(send(url, fashion_test.images[:count], spacing=0.008))
-        victim = await busiest_worker(0.3)
-        old_pid = cluster.kill_worker(victim)  # SIGKILL, mid-run
+        await holds_a_call(victim, 5.0)
+        old_pid = cluster.kill_worker(victim)  # SIGKILL, mid-call
         async with aiohttp.ClientSession() as session:
             while not sending.done():
                 async with session.get(f"{url}/v2/health/ready") as resp:
                     ready_checks.append(resp.status)
                 await asyncio.sleep(0.05)
+        assert await burst == 2 * len(cluster.scnn)
         answers = await sending
         await asyncio.to_thread(cluster.wait_restarted, victim, old_pid, 60.0)
-        return answers, victim
+        return answers
 
     old_urls = list(cluster.worker_urls)
-    answers, victim = asyncio.run(run())
+    answers = asyncio.run(run())
     assert [a["id"] for a in answers] == [f"img-{i}" for i in range(count)]  # every one answered
     assert ready_checks and set(ready_checks) == {200}  # other s-CNN workers are up: truly ready
     assert cluster.worker_urls == old_urls  # restarted on the same port
