@@ -243,10 +243,15 @@ class Decoder:
             return self.worker_failed(group, now)
         self.metrics.observe_backup(len(self.parity.missing(group.id)))
         recovered = self.parity.parity_output(group.id, reply)
+        found_for = {request_id for request_id, _, _ in recovered}
         actions: list[Action] = []
         for request in group.requests:
             st = self._pending.get(request.id)
-            if st is not None and st.backup in (_Backup.EXPECTED, _Backup.PENDING):
+            if (
+                st is not None
+                and request.id not in found_for
+                and st.backup in (_Backup.EXPECTED, _Backup.PENDING)
+            ):
                 st.backup = _Backup.LOST  # for now: recovered below, or later by scnn_output
                 actions += self._settle(st, now)
         for found in recovered:
