@@ -22,9 +22,9 @@ Departures from ParM's code, both of plumbing:
   the group deadline closes early fills its k slots with its own images in turn (slot i holds
   member i mod n), so the parity output approximates ``sum_j c_j F(X_j)`` with known counts
   ``c_j``, and the missing member's output is ``(F_P(P) - sum of c_j F(X_j) over the others) / c_i``.
-  Repeating members keeps the query like the groups the parity model was trained on: on the
-  Fashion-MNIST test set the k = 4 concat model recovers 90.7, 89.1 and 87.1% of members of
-  groups of 1, 2 and 3 this way, against 31, 53 and 85% with black images in the empty slots.
+  Repeating members keeps the query like the groups the parity model was trained on; black
+  images in the empty slots are not, and cost a k = 4 model most of its accuracy on groups of
+  one or two (docs/parm-comparison.md has the figures).
 """
 
 from __future__ import annotations
