@@ -39,7 +39,7 @@ from collage_inference.bench.scenarios import (
     builtin_scenarios,
     load_points,
 )
-from collage_inference.bench.targets import with_ratios
+from collage_inference.bench.targets import PARM_GRID, with_ratios
 from collage_inference.config import DEFAULT_MODELS_DIR, REPO_ROOT, load_config
 from collage_inference.errors import CollageError, ConfigError
 from collage_inference.modes import MODES, REISSUE_TARGETS
@@ -47,7 +47,6 @@ from collage_inference.parm import CONCAT_KS, ENCODERS
 
 START_COST_S = 9.0  # cluster start, drain and stop (measured on 2 cores), for the time estimate only
 DEFAULT_MODES = ("none", "equal", "replicate", "hedge", "replicate-all", "collage", "collage-2", "parm")
-PARM_GRID = 2  # the collage whose k = S*S equals ParM's k = 4, run beside mode parm
 
 
 @dataclass(frozen=True)
