@@ -28,7 +28,7 @@ from typing import Any
 
 from collage_inference.bench.harness import Harness, Images, RunSpec, load_images, serve_overrides
 from collage_inference.bench.machine import BUSY_SHARE, code_version, cpu_busy, load_average, machine
-from collage_inference.bench.report import console_summary, with_targets, write_readme, write_report
+from collage_inference.bench.report import console_summary, with_targets, write_report, write_results_page
 from collage_inference.bench.scenarios import (
     DEFAULT_PATTERNS,
     OVERHEAD_SHARE_LIMIT,
@@ -46,6 +46,10 @@ from collage_inference.modes import MODES, REISSUE_TARGETS
 from collage_inference.parm import CONCAT_KS, ENCODERS
 
 START_COST_S = 9.0  # cluster start, drain and stop (measured on 2 cores), for the time estimate only
+
+# Where `--report RUN --write-docs` publishes a run: the README summarises that page.
+RESULTS_PAGE = REPO_ROOT / "docs" / "bench-results.md"
+
 DEFAULT_MODES = ("none", "equal", "replicate", "hedge", "replicate-all", "collage", "collage-2", "parm")
 
 
@@ -340,7 +344,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="RESULTS_JSON",
         help="run nothing: write the report of a stored results.json again, with the current targets",
     )
-    p.add_argument("--write-readme", action="store_true", help="with --report: put its figures in the README")
+    p.add_argument(
+        "--write-docs",
+        action="store_true",
+        help=f"with --report: put its figures in {RESULTS_PAGE.relative_to(REPO_ROOT)}",
+    )
     return p  # fmt: skip
 
 
@@ -416,9 +424,9 @@ def execute(config: BenchConfig, out_dir: Path) -> dict[str, Any]:
     return results
 
 
-def rerender(results_json: Path, out_dir: Path | None = None, readme: Path | None = None) -> dict[str, Any]:
-    """The report of a stored run again, judged by the current targets (no runs); with ``readme``,
-    its figures also go between the README's bench markers (plots copied to docs/)."""
+def rerender(results_json: Path, out_dir: Path | None = None, page: Path | None = None) -> dict[str, Any]:
+    """The report of a stored run again, judged by the current targets (no runs); with ``page``,
+    its figures also go between that page's bench markers (plots copied beside it)."""
     try:
         stored = json.loads(results_json.read_text())
         results = with_targets({k: v for k, v in stored.items() if k != "targets"})
@@ -426,8 +434,8 @@ def rerender(results_json: Path, out_dir: Path | None = None, readme: Path | Non
         raise ConfigError(f"{results_json} is not a results.json of `collage bench`: {exc!r}") from exc
     out = out_dir or results_json.parent
     write_report(results, out)
-    if readme is not None:
-        write_readme(results, out, readme)
+    if page is not None:
+        write_results_page(results, out, page)
     print(console_summary(results))
     print(f"\nreport: {out / 'summary.md'}, as one page {out / 'summary.html'}")
     return results
@@ -439,7 +447,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.report:
-            results = rerender(args.report, args.out, REPO_ROOT / "README.md" if args.write_readme else None)
+            results = rerender(args.report, args.out, RESULTS_PAGE if args.write_docs else None)
         else:
             results = execute(config_from_args(args, argv), args.out or default_out_dir())
     except CollageError as exc:

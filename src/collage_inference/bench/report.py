@@ -224,9 +224,9 @@ def render_summary(results: Mapping[str, Any]) -> str:
     return "\n\n".join(parts) + "\n"
 
 
-def readme_block(results: Mapping[str, Any], plots: str) -> str:
-    """The README's figures of a run: where and how it ran, the curves (``plots`` is the folder
-    the PNGs were copied to, relative to the README), the targets and the ratios."""
+def results_block(results: Mapping[str, Any]) -> str:
+    """The published figures of a run: where and how it ran, the curves (the PNGs lie beside
+    the page), the targets and the ratios."""
     m, sc = results["machine"], results["scenario"]
     when = results["date"].replace("T", " ").replace("+00:00", " UTC")
     where = f"{m.get('cpu_model')}, {m.get('cpus')} vCPUs, Python {m.get('python')}"
@@ -234,27 +234,25 @@ def readme_block(results: Mapping[str, Any], plots: str) -> str:
         f"stragglers: {sc['description'][:1].lower()}{sc['description'][1:]} S = {results['grid']}, "
         f"{results['requests']} measured requests per run after {results['warmup']} warm-up"
     )
-    curves = "\n".join(f"![{key} against load]({plots}/bench-{key}-vs-load.png)" for key in ("p99", "std"))
+    curves = "\n".join(f"![{key} against load](bench-{key}-vs-load.png)" for key in ("p99", "std"))
     head = f"`{results['command']}` on {when}, {results['duration_s'] / 60:.0f} minutes: {where}; {setting}."
     return "\n\n".join([head, curves, target_table(results["targets"]), ratio_table(results)])
 
 
-def write_readme(results: Mapping[str, Any], run_dir: Path, readme: Path) -> None:
-    """Put the run's figures between the bench markers of ``readme`` and its plots beside it."""
-    docs = readme.parent / "docs"
-    docs.mkdir(exist_ok=True)
+def write_results_page(results: Mapping[str, Any], run_dir: Path, page: Path) -> None:
+    """Put the run's figures between the bench markers of ``page`` and its plots beside it."""
     for name in ("p99-vs-load.png", "std-vs-load.png"):
-        (docs / f"bench-{name}").write_bytes((run_dir / name).read_bytes())
-    text = readme.read_text()
-    if README_START not in text or README_END not in text:
-        raise ConfigError(f"{readme} lacks the {README_START} ... {README_END} markers")
-    head, rest = text.split(README_START, 1)
-    readme.write_text(
-        f"{head}{README_START}\n{readme_block(results, 'docs')}\n{README_END}{rest.split(README_END, 1)[1]}"
+        (page.parent / f"bench-{name}").write_bytes((run_dir / name).read_bytes())
+    text = page.read_text()
+    if RESULTS_START not in text or RESULTS_END not in text:
+        raise ConfigError(f"{page} lacks the {RESULTS_START} ... {RESULTS_END} markers")
+    head, rest = text.split(RESULTS_START, 1)
+    page.write_text(
+        f"{head}{RESULTS_START}\n{results_block(results)}\n{RESULTS_END}{rest.split(RESULTS_END, 1)[1]}"
     )
 
 
-README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
+RESULTS_START, RESULTS_END = "<!-- bench:start -->", "<!-- bench:end -->"
 
 
 def _pyplot():

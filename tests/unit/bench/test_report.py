@@ -11,6 +11,7 @@ import pytest
 
 from collage_inference.bench.report import console_summary, render_summary, with_targets, write_report
 from collage_inference.bench.targets import Target, best_baseline
+from collage_inference.errors import ConfigError
 
 
 def run(p99: float, std: float = 20.0, accuracy: float = 0.93, extra_cost: float = 0.0, **more: Any) -> dict:
@@ -166,19 +167,23 @@ def test_a_stored_run_is_judged_again_by_the_current_targets(tmp_path: Path, cap
     assert "not a results.json" in capsys.readouterr().err
 
 
-def test_the_readme_block_goes_between_its_markers_with_the_plots_beside(tmp_path: Path) -> None:
-    from collage_inference.bench.report import write_readme
+def test_the_results_block_goes_between_its_markers_with_the_plots_beside(tmp_path: Path) -> None:
+    from collage_inference.bench.report import write_results_page
 
     res = with_targets(results())
     run_dir = tmp_path / "run"
     write_report(res, run_dir)
-    readme = tmp_path / "README.md"
-    readme.write_text("intro\n<!-- bench:start -->\nold\n<!-- bench:end -->\nrest\n")
-    write_readme(res, run_dir, readme)
-    text = readme.read_text()
+    page = tmp_path / "docs" / "bench-results.md"
+    page.parent.mkdir()
+    page.write_text("intro\n<!-- bench:start -->\nold\n<!-- bench:end -->\nrest\n")
+    write_results_page(res, run_dir, page)
+    text = page.read_text()
     assert text.startswith("intro\n<!-- bench:start -->\n`collage bench` on 2026-11-29 06:00:00 UTC")
     assert "old" not in text and text.endswith("<!-- bench:end -->\nrest\n")
-    assert "docs/bench-p99-vs-load.png" in text and (tmp_path / "docs" / "bench-std-vs-load.png").is_file()
+    assert "](bench-p99-vs-load.png)" in text and (page.parent / "bench-std-vs-load.png").is_file()
+    page.write_text("no markers\n")
+    with pytest.raises(ConfigError, match="lacks the"):
+        write_results_page(res, run_dir, page)
 
 
 def test_a_shorter_time_scale_reports_its_check_at_1x() -> None:
