@@ -1,6 +1,6 @@
 """A fault-injecting HTTP proxy: put it between the front end and a worker, then break it.
 
-    python -m collage_inference.bench.chaos --target http://127.0.0.1:8001 --port 0
+    python -m collage_inference.bench.faults.chaos --target http://127.0.0.1:8001 --port 0
     curl -X PUT localhost:PORT/_chaos -d '{"mode": "hang"}'
 
 Modes, switched at run time with ``PUT /_chaos`` (``GET /_chaos`` tells the current one):
