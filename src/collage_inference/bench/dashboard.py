@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from collage_inference.bench.loadgen import LoadConfig, LoadResult, run_load_sync
+from collage_inference.bench.loadgen import LoadConfig, LoadResult, run_load_sync, warmup_for
 from collage_inference.config import load_config
 from collage_inference.deploy.local import LocalCluster
 from collage_inference.errors import ConfigError
@@ -77,7 +77,7 @@ def chromium_dom(url: str, budget_ms: int = 3000, screenshot: Path | None = None
 
 
 def _run(url: str, rate: float, requests: int, seed: int, images, labels) -> LoadResult:
-    config = LoadConfig(url, rate, requests, seed=seed, warmup=max(50, requests // 10))
+    config = LoadConfig(url, rate, requests, seed=seed, warmup=warmup_for(requests))
     return run_load_sync(config, images, labels)
 
 

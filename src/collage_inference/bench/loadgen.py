@@ -380,6 +380,12 @@ async def run_load(config: LoadConfig, images: np.ndarray, labels: np.ndarray) -
     return run.finish(ended)
 
 
+def warmup_for(requests: int) -> int:
+    """The unmeasured requests the serving benchmarks send before ``requests`` measured ones: a
+    tenth, at least 50, so connections are open and the runtime warm when measuring starts."""
+    return max(50, requests // 10)
+
+
 def run_load_sync(config: LoadConfig, images: np.ndarray, labels: np.ndarray) -> LoadResult:
     """:func:`run_load` for callers without an event loop (scripts, the CLI, notebooks)."""
     return run(run_load(config, images, labels))

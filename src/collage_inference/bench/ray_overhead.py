@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from collage_inference.bench.loadgen import LoadConfig, LoadResult, environment, run_load_sync
+from collage_inference.bench.loadgen import LoadConfig, LoadResult, environment, run_load_sync, warmup_for
 from collage_inference.config import Limits, RaySettings, ServeConfig
 from collage_inference.data import load_dataset
 from collage_inference.deploy.local import LocalCluster
@@ -90,7 +90,7 @@ def _load(
     name: str, url: str, rate: float, requests: int, seed: int,
     images: np.ndarray, labels: np.ndarray, log: Log,
 ) -> LoadResult:  # fmt: skip
-    config = LoadConfig(url, rate, requests, seed=seed, warmup=max(50, requests // 10))
+    config = LoadConfig(url, rate, requests, seed=seed, warmup=warmup_for(requests))
     result = run_load_sync(config, images, labels)
     log(f"{name:<10} run {seed + 1}: p50 {result.summary.p50_ms:.2f} ms, p99 {result.summary.p99_ms:.2f} ms")
     return result

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from collage_inference.bench.dashboard import dashboard_cost
-from collage_inference.bench.loadgen import LoadConfig, LoadResult, environment, run_load_sync
+from collage_inference.bench.loadgen import LoadConfig, LoadResult, environment, run_load_sync, warmup_for
 from collage_inference.bench.payload import TensorInput
 from collage_inference.config import WorkerEndpoint, load_config
 from collage_inference.data import load_dataset
@@ -65,7 +65,7 @@ class Target:
 
 def _load(target: Target, rate: float, requests: int, seed: int, images, labels) -> LoadResult:
     config = LoadConfig(
-        target.url, rate, requests, model=target.model, seed=seed, warmup=max(50, requests // 10),
+        target.url, rate, requests, model=target.model, seed=seed, warmup=warmup_for(requests),
         target="tensor" if target.tensor else "v2", tensor=target.tensor,
     )  # fmt: skip
     return run_load_sync(config, images, labels)
