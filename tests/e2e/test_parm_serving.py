@@ -5,6 +5,7 @@ counted by how many of their requests the backup found unanswered."""
 
 from __future__ import annotations
 
+import json
 import urllib.request
 from pathlib import Path
 
@@ -36,6 +37,9 @@ def test_parm_answers_stragglers_from_the_parity(
         )
         with urllib.request.urlopen(f"{cluster.url}/metrics", timeout=5) as response:
             metrics = parse_metrics(response.read().decode())
+        with urllib.request.urlopen(f"{cluster.url}/v2/models/classifier", timeout=5) as response:
+            facts = json.loads(response.read())["parameters"]
+    assert (facts["mode"], facts["parity_k"], facts["parity_encoder"]) == ("parm", k, encoder), facts
     assert (result.answered, result.failed, result.unsent, result.overflowed) == (REQUESTS, 0, 0, 0), (
         result.summary
     )

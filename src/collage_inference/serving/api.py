@@ -200,9 +200,17 @@ class FrontEndApi:
                     "labels": list(frontend.class_names),
                     "scnn_workers": len(frontend.scnn),
                     "collage_workers": sum(len(p) for p in frontend.collage.values()),
+                    **self._parity_facts(),
                 },
             }
         )
+
+    def _parity_facts(self) -> dict[str, Any]:
+        """Mode parm's code, so a client can tell which ParM it talks to; nothing in other modes."""
+        settings = self.frontend.settings
+        if not self.frontend.mode.parity:
+            return {}
+        return {"parity_k": settings.parity_k, "parity_encoder": settings.parity_encoder}
 
     def metrics(self, request: Request) -> Response:
         """The Prometheus exposition: the front end's counters and per-worker gauges."""
