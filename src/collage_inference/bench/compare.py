@@ -288,6 +288,10 @@ def _names(text: str) -> tuple[str, ...]:
     return tuple(x.strip() for x in text.split(",") if x.strip())
 
 
+def _policies(text: str) -> tuple[str, ...]:
+    return () if text.strip() == "none" else _names(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="collage bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="~4 min: one burst and one Poisson point, fewer runs")
@@ -295,6 +299,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modes", help=f"comma list (default: {', '.join(DEFAULT_MODES)})")
     p.add_argument("--grid", type=int, default=3, help="collage side S of the comparison")
     p.add_argument("--grids", help="extra collage rows at these S (e.g. 2,4), each its own row")
+    p.add_argument(
+        "--policies",
+        help="extra collage rows under these decoder policies: patient, first (default patient; none: none)",
+    )
     p.add_argument("--parity-ks", help="mode parm: a row per parity k, 2 and/or 4 (default 4,2)")
     p.add_argument("--parity-encoder", choices=ENCODERS, default="concat", help="mode parm's code")
     p.add_argument(
@@ -377,7 +385,9 @@ def config_from_args(args: argparse.Namespace, argv: Sequence[str]) -> BenchConf
         seed=args.seed,
         sweep=_floats(args.sweep) if args.sweep else quick.get("sweep", (0.75, 1.25, 2.0)),
         reissue_targets=quick.get("reissue_targets", REISSUE_TARGETS),
-        collage_policies=quick.get("collage_policies", ("patient",)),
+        collage_policies=_policies(args.policies)
+        if args.policies
+        else quick.get("collage_policies", ("patient",)),
         bracket=quick.get("bracket", 1),
         repeats=args.repeats,
         quiet_wait=args.quiet_wait,

@@ -60,6 +60,8 @@ def test_full_plan_counts_every_point_and_sweep() -> None:
     assert cfg.extra_grids == (2,)
     assert cfg.runs() == 6 * 17 + 1
     assert config(["--trace", MISSING, "--grids", "2,4"]).runs_per_point() == 18  # S=2 is counted once
+    assert config(["--trace", MISSING, "--policies", "none"]).runs_per_point() == 16
+    assert config(["--trace", MISSING, "--policies", "patient,first"]).runs_per_point() == 18
 
 
 @pytest.mark.parametrize(
@@ -73,6 +75,7 @@ def test_full_plan_counts_every_point_and_sweep() -> None:
         ["--loads", "0,0.5"],
         ["--patterns", "wave"],
         ["--time-scale", "-1"],
+        ["--policies", "hasty"],
     ],
 )
 def test_bad_flags_are_config_errors(argv: list[str]) -> None:
