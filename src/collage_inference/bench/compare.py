@@ -301,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grids", help="extra collage rows at these S (e.g. 2,4), each its own row")
     p.add_argument(
         "--policies",
-        help="extra collage rows under these decoder policies: patient, first (default patient; none: none)",
+        help="extra collage rows under other decoder policies: patient, first, or none (default patient)",
     )
     p.add_argument("--parity-ks", help="mode parm: a row per parity k, 2 and/or 4 (default 4,2)")
     p.add_argument("--parity-encoder", choices=ENCODERS, default="concat", help="mode parm's code")
