@@ -13,6 +13,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from dataclasses import replace
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -294,5 +295,7 @@ def test_slowdown_settings_for_each_worker() -> None:
     own = slow.for_worker("scnn", 2)
     assert own is not None and (own.seed, own.kind, own.contention) == (7, "per-instance", 0.5)
     assert slow.for_worker("scnn", 1) is None and slow.for_worker("collage", 0) is None
+    # a parity model is a backup: a Ray replica of rank 0 must not straggle as s-CNN worker 0
+    assert not slow.slows("parity", 0) and replace(slow, collage=True).slows("parity", 0)
     assert not SlowdownSettings().slows("scnn", 0)
     assert WorkerEndpoint("http://h:1/", "scnn").arg == "http://h:1#scnn"

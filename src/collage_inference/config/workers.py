@@ -17,6 +17,8 @@ from collage_inference.slowdown import KINDS, parse_slowdown
 
 FACT_KEYS = ("kind", "grid", "labels", "image_size", "channels")  # what the front end must know of a model
 CONTRACTS = ("image", "tensor")
+# Models that serve a group's backup: they straggle as ``slowdown.collage`` says, whatever the s-CNN ranks.
+BACKUP_KINDS = ("collage", "parity")
 
 
 @dataclass(frozen=True)
@@ -115,19 +117,20 @@ class SlowdownSettings:
         return self.spec.strip() != "none" or self.contention > 0
 
     def slows(self, kind: str, index: int) -> bool:
-        """Whether worker ``index`` of ``kind`` (scnn or collage) straggles."""
+        """Whether worker ``index`` of ``kind`` straggles: an s-CNN as ``workers`` says, a backup
+        (a collage or a parity model) as ``collage`` says."""
         if not self.active:
             return False
-        if kind == "collage":
+        if kind in BACKUP_KINDS:
             return self.collage
         return self.workers is None or index in self.workers
 
     def for_worker(self, kind: str, index: int) -> SlowdownSettings | None:
         """How worker ``index`` of ``kind`` straggles: these settings with its own seed
-        (``seed + index``; collage workers ``seed + 1000 + index``), or None if it does not."""
+        (``seed + index``; backup workers ``seed + 1000 + index``), or None if it does not."""
         if not self.slows(kind, index):
             return None
-        return replace(self, seed=self.seed + index + (COLLAGE_SEED_OFFSET if kind == "collage" else 0))
+        return replace(self, seed=self.seed + index + (COLLAGE_SEED_OFFSET if kind in BACKUP_KINDS else 0))
 
     def describe(self) -> str:
         note = f"{self.spec} ({self.kind}, seed {self.seed})"
