@@ -12,10 +12,9 @@ actually sent. Three arrival patterns, each at ``rate`` requests per second on a
 the same instant, the bursts a Poisson process of ``rate / burst_size`` per second (the setting of
 the published collage experiments, where a master sent k requests at once). For bursts the
 result also holds each burst's latency: from its scheduled time until its last request was
-answered, as the authors measured. A stall therefore shows up in every request scheduled during it,
-and so does any
-lag of this generator itself (reported as ``send_lag``, so an overloaded client is visible
-rather than silently flattering the server).
+answered, as the authors measured. A stall therefore shows up in every request scheduled during
+it, and so does any lag of this generator itself (reported as ``send_lag``, so an overloaded
+client is visible rather than silently flattering the server).
 
 The request path is: schedule -> admit (in-flight cap) -> send -> read -> parse -> record.
 Each request carries a real test image (cycled through the given array), so accuracy and the
